@@ -1,0 +1,144 @@
+//! The consumer's checkpoint store (SPEC §7): per partition, its window
+//! state and the next offset to read, written together in one synced
+//! RocksDB `WriteBatch`. Offsets live here, not in the consumer group.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::window::PartitionState;
+
+/// Bumped whenever the stored layout changes; older stores are refused.
+pub const FORMAT_VERSION: u32 = 1;
+const CF_META: &str = "meta";
+const CF_PARTITIONS: &str = "partitions";
+const KEY_FORMAT: &[u8] = b"format_version";
+const KEY_TOPIC: &[u8] = b"topic";
+
+/// What is stored for one partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionCheckpoint {
+    /// The next offset to read: everything before it is in `state`.
+    pub next_offset: i64,
+    pub state: PartitionState,
+}
+
+/// An open checkpoint store, owned by one consumer at a time.
+pub struct CheckpointStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl CheckpointStore {
+    /// Opens (or creates) the store for `topic` in `path`. Refuses a store
+    /// of another format or topic, and one another process holds open.
+    pub fn open(path: &Path, topic: &str) -> Result<Self> {
+        std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = [CF_META, CF_PARTITIONS].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
+            if source.to_string().contains("lock") {
+                Error::CheckpointFormat {
+                    path: path.to_owned(),
+                    reason: "in use by another consumer (its RocksDB LOCK is held); give each consumer its own --state-dir".into(),
+                }
+            } else {
+                Error::Checkpoint { path: path.to_owned(), source }
+            }
+        })?;
+        let store = CheckpointStore { db, path: path.to_owned() };
+        store.check_identity(topic)?;
+        Ok(store)
+    }
+
+    fn check_identity(&self, topic: &str) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let refuse = |reason: String| Err(Error::CheckpointFormat { path: self.path.clone(), reason });
+        match self.db.get_cf(meta, KEY_FORMAT).map_err(|e| self.err(e))? {
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(meta, KEY_FORMAT, FORMAT_VERSION.to_be_bytes());
+                batch.put_cf(meta, KEY_TOPIC, topic.as_bytes());
+                return self.write(batch);
+            }
+            Some(v) if v.as_slice() != FORMAT_VERSION.to_be_bytes() => {
+                return refuse(format!("format version {v:?}, this build reads {FORMAT_VERSION}"));
+            }
+            Some(_) => {}
+        }
+        let stored = self.db.get_cf(meta, KEY_TOPIC).map_err(|e| self.err(e))?.unwrap_or_default();
+        if stored != topic.as_bytes() {
+            return refuse(format!("holds state of topic {:?}, not {topic:?}", String::from_utf8_lossy(&stored)));
+        }
+        Ok(())
+    }
+
+    /// Every partition checkpointed so far.
+    pub fn load(&self) -> Result<Vec<(i32, PartitionCheckpoint)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_PARTITIONS)?, rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let partition = <[u8; 4]>::try_from(key.as_ref()).map(i32::from_be_bytes).map_err(|_| self.corrupt("partition key"))?;
+            let checkpoint = postcard::from_bytes(&value).map_err(|_| self.corrupt("partition state"))?;
+            out.push((partition, checkpoint));
+        }
+        Ok(out)
+    }
+
+    /// Writes the given partitions' state and offsets in one synced batch.
+    /// Blocking: call it off the async runtime.
+    pub fn save<'a>(&self, partitions: impl IntoIterator<Item = (i32, &'a PartitionCheckpoint)>) -> Result<()> {
+        let cf = self.cf(CF_PARTITIONS)?;
+        let mut batch = WriteBatch::default();
+        for (partition, checkpoint) in partitions {
+            let bytes = postcard::to_stdvec(checkpoint).map_err(|_| self.corrupt("state not serializable"))?;
+            batch.put_cf(cf, partition.to_be_bytes(), bytes);
+        }
+        self.write(batch)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options).map_err(|e| self.err(e))
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| self.corrupt("column family missing"))
+    }
+
+    fn err(&self, source: rocksdb::Error) -> Error {
+        Error::Checkpoint { path: self.path.clone(), source }
+    }
+
+    fn corrupt(&self, what: &str) -> Error {
+        Error::CheckpointFormat { path: self.path.clone(), reason: format!("unreadable: {what}") }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_and_loads_partitions_and_refuses_a_second_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path(), "trades.raw").unwrap();
+        let mut checkpoint = PartitionCheckpoint { next_offset: 42, ..Default::default() };
+        checkpoint.state.counts.applied = 7;
+        store.save([(3, &checkpoint), (0, &PartitionCheckpoint::default())]).unwrap();
+        assert_eq!(store.load().unwrap(), vec![(0, PartitionCheckpoint::default()), (3, checkpoint.clone())]);
+
+        let second = CheckpointStore::open(dir.path(), "trades.raw").err().unwrap();
+        assert!(second.to_string().contains("in use by another consumer"), "{second}");
+        drop(store);
+
+        let other_topic = CheckpointStore::open(dir.path(), "other").err().unwrap();
+        assert!(other_topic.to_string().contains("not \"other\""), "{other_topic}");
+        assert_eq!(CheckpointStore::open(dir.path(), "trades.raw").unwrap().load().unwrap()[1].1, checkpoint);
+    }
+}

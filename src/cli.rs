@@ -1,0 +1,142 @@
+//! Flags shared by the binaries, as clap argument groups to flatten. Every
+//! flag has an environment twin so docker-compose configures through the
+//! environment; secrets go in the environment or in a file, never in a flag.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::window::{WindowConfig, DEFAULT_BAR_MS, DEFAULT_RSI_PERIOD, DEFAULT_VWAP_MS};
+
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+pub const DEFAULT_TOPIC: &str = "trades.raw";
+pub const DEFAULT_DLQ_TOPIC: &str = "trades.dlq";
+pub const DEFAULT_PARTITIONS: i32 = 6;
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_REDIS_PREFIX: &str = "cryptopulse";
+pub const DEFAULT_RETENTION_SECS: u64 = 24 * 60 * 60;
+pub const DEFAULT_STATE_DIR: &str = "state";
+
+/// Where Kafka is and what to pass to librdkafka.
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, host:port[,host:port...].
+    #[arg(long, env = "CRYPTOPULSE_BROKERS", default_value = DEFAULT_BROKERS)]
+    pub brokers: String,
+    /// Topic of raw trades.
+    #[arg(long, env = "CRYPTOPULSE_TOPIC", default_value = DEFAULT_TOPIC)]
+    pub topic: String,
+    /// Dead-letter topic for records that are not usable trades.
+    #[arg(long, env = "CRYPTOPULSE_DLQ_TOPIC", default_value = DEFAULT_DLQ_TOPIC)]
+    pub dlq_topic: String,
+    /// Partitions of the raw topic when this program creates it.
+    #[arg(long, env = "CRYPTOPULSE_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    pub partitions: i32,
+    /// Any librdkafka property, as kcat takes it: `-X key=value`, repeatable.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value, env = "CRYPTOPULSE_KAFKA_PROPERTIES", value_delimiter = ';')]
+    pub properties: Vec<(String, String)>,
+    /// A file of librdkafka properties, `key=value` per line (`#` comments):
+    /// the place for secrets such as `sasl.password`.
+    #[arg(long, env = "CRYPTOPULSE_KAFKA_CONFIG_FILE")]
+    pub kafka_config_file: Option<PathBuf>,
+}
+
+/// Where Redis is and how its keys are named.
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis URL; put a password here only through the environment.
+    #[arg(long, env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub redis_url: String,
+    /// Prefix of every key written.
+    #[arg(long, env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
+    pub redis_prefix: String,
+    /// Event time kept in sorted sets and streams, in seconds.
+    #[arg(long, env = "CRYPTOPULSE_RETENTION_SECS", default_value_t = DEFAULT_RETENTION_SECS)]
+    pub retention_secs: u64,
+    /// How long a write keeps being retried while Redis is away, in seconds.
+    #[arg(long, env = "CRYPTOPULSE_REDIS_RETRY_SECS", default_value_t = 300)]
+    pub redis_retry_secs: u64,
+}
+
+impl RedisArgs {
+    pub fn retention_ms(&self) -> i64 {
+        i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    pub fn retry_for(&self) -> Duration {
+        Duration::from_secs(self.redis_retry_secs)
+    }
+}
+
+/// Window widths and the RSI period (SPEC §4).
+#[derive(Args, Debug, Clone)]
+pub struct WindowArgs {
+    /// Bar width in ms.
+    #[arg(long, env = "CRYPTOPULSE_BAR_MS", default_value_t = DEFAULT_BAR_MS)]
+    pub bar_ms: i64,
+    /// Width of the longer VWAP window in ms, a multiple of the bar.
+    #[arg(long, env = "CRYPTOPULSE_VWAP_MS", default_value_t = DEFAULT_VWAP_MS)]
+    pub vwap_ms: i64,
+    /// RSI period, in bars.
+    #[arg(long, env = "CRYPTOPULSE_RSI_PERIOD", default_value_t = DEFAULT_RSI_PERIOD)]
+    pub rsi_period: u32,
+}
+
+impl WindowArgs {
+    pub fn config(&self) -> WindowConfig {
+        WindowConfig { bar_ms: self.bar_ms, vwap_ms: self.vwap_ms, rsi_period: self.rsi_period }
+    }
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(format!("expected key=value, got {text:?}")),
+    }
+}
+
+/// Reads a properties file: `key=value` lines, blank lines and `#` comments.
+pub fn read_properties(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| parse_key_value(line).map(|(key, value)| (key, value.trim().to_owned())))
+        .collect()
+}
+
+/// Logging for the binaries: `RUST_LOG` or INFO, to stderr.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_properties_files() {
+        let props = read_properties("# secrets\nsasl.username=u\n\n sasl.password = p=w \n").unwrap();
+        assert_eq!(props, vec![("sasl.username".into(), "u".into()), ("sasl.password".into(), "p=w".into())]);
+        assert!(read_properties("novalue").is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Exact fixed-point decimals with eight places, the precision Binance
+//! quotes prices and quantities in. Prices, quantities and their sums stay
+//! integers all the way to the final division, so bars are exact.
+
+/// Digits after the decimal point.
+pub const SCALE: i8 = 8;
+/// One unit in fixed point.
+pub const ONE: i128 = 100_000_000;
+/// Decimal digits an Arrow `Decimal128` price or quantity holds.
+pub const PRECISION: u8 = 18;
+/// The largest value that fits `PRECISION` digits.
+const MAX: i128 = 10i128.pow(PRECISION as u32) - 1;
+
+/// Parses a plain non-negative decimal string such as `"61837.63000000"`
+/// into units of 1e-8. Rejects signs, exponents, empty parts, more than eight
+/// significant fraction digits and values beyond 18 digits.
+pub fn parse(text: &str) -> Option<i128> {
+    let (int, frac) = match text.split_once('.') {
+        Some((int, frac)) => (int, frac),
+        None => (text, ""),
+    };
+    if int.is_empty() || int.len() > 18 || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    let (kept, dropped) = frac.split_at(frac.len().min(SCALE as usize));
+    if dropped.bytes().any(|b| b != b'0') {
+        return None;
+    }
+    let mut value: i128 = 0;
+    for b in int.bytes().chain(kept.bytes()) {
+        value = value * 10 + i128::from(b - b'0');
+    }
+    value *= 10i128.pow((SCALE as usize - kept.len()) as u32);
+    (value <= MAX).then_some(value)
+}
+
+fn all_digits(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Formats units of 1e-`scale` with all `scale` places: `format(6183763000000, 8)`
+/// is `"61837.63000000"`.
+pub fn format(units: i128, scale: u32) -> String {
+    let sign = if units < 0 { "-" } else { "" };
+    let abs = units.unsigned_abs();
+    let div = 10u128.pow(scale);
+    if scale == 0 {
+        return format!("{sign}{abs}");
+    }
+    format!("{sign}{}.{:0width$}", abs / div, abs % div, width = scale as usize)
+}
+
+/// The ratio of two fixed-point values of any scale as a float, e.g. a VWAP
+/// from Σp·q (scale 16) and Σq (scale 8).
+pub fn ratio(numerator: i128, denominator: i128, scale_difference: i32) -> f64 {
+    numerator as f64 / denominator as f64 / 10f64.powi(scale_difference)
+}
+
+/// Fixed-point units as a float.
+pub fn to_f64(units: i128) -> f64 {
+    units as f64 / ONE as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_binance_decimals() {
+        let cases: &[(&str, Option<i128>)] = &[
+            ("61837.63000000", Some(6_183_763_000_000)),
+            ("0.00200000", Some(200_000)),
+            ("1", Some(ONE)),
+            ("1.5", Some(150_000_000)),
+            ("0.000000010", Some(1)),
+            ("0.000000011", None),
+            ("-1.0", None),
+            ("+1.0", None),
+            ("1e5", None),
+            ("NaN", None),
+            ("inf", None),
+            ("", None),
+            (".5", None),
+            ("1.2.3", None),
+            (" 1.0", None),
+            ("9999999999.99999999", Some(MAX)),
+            ("10000000000.00000000", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse(text), *expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn formats_with_all_places() {
+        assert_eq!(format(6_183_763_000_000, 8), "61837.63000000");
+        assert_eq!(format(200_000, 8), "0.00200000");
+        assert_eq!(format(-5, 8), "-0.00000005");
+        assert_eq!(format(42, 0), "42");
+    }
+
+    #[test]
+    fn ratio_divides_across_scales() {
+        // 2 * 3.5 = 7 at scale 16, over 2 at scale 8: 3.5
+        assert_eq!(ratio(7 * ONE * ONE, 2 * ONE, 8), 3.5);
+    }
+}

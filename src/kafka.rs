@@ -1,0 +1,329 @@
+//! Kafka plumbing: client configuration from the shared flags, topic
+//! creation, the dead-letter producer, and the consumer's source thread that
+//! polls records and decodes them into one Arrow batch per partition.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::binance::{self, Reject};
+use crate::cli::{read_properties, KafkaArgs};
+use crate::error::{Error, Result};
+use crate::trade::TradeBatchBuilder;
+
+/// How long metadata and admin requests may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl KafkaArgs {
+    /// librdkafka settings: brokers, then the properties file, then `-X`.
+    pub fn client_config(&self) -> Result<ClientConfig> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        if let Some(path) = &self.kafka_config_file {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            for (key, value) in read_properties(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))? {
+                config.set(key, value);
+            }
+        }
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        Ok(config)
+    }
+
+    /// Settings of an idempotent producer that keeps each partition in order.
+    /// murmur2 is the Java client's partitioner: any client keyed by symbol
+    /// sends a symbol to the same partition.
+    pub fn producer_config(&self) -> Result<ClientConfig> {
+        self.config_with(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("compression.type", "lz4"),
+            ("linger.ms", "5"),
+            ("batch.size", "1000000"),
+            ("partitioner", "murmur2_random"),
+        ])
+    }
+
+    /// `defaults`, overridden by the user's settings.
+    pub fn config_with(&self, defaults: &[(&str, &str)]) -> Result<ClientConfig> {
+        let mut config = ClientConfig::new();
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
+        for (key, value) in self.client_config()?.config_map() {
+            config.set(key, value);
+        }
+        Ok(config)
+    }
+
+    /// Creates the raw topic (`--partitions`) and the dead-letter topic (one
+    /// partition) unless they exist, with the broker's replication factor.
+    pub async fn ensure_topics(&self) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
+        let topics = [
+            NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(-1)),
+            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(-1)),
+        ];
+        let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
+        let results = admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(Error::kafka(format!("create topic {topic}"), KafkaError::AdminOp(code))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The partition ids of `topic`; an error if the topic does not exist.
+pub fn partitions_of<C: Consumer>(consumer: &C, topic: &str) -> Result<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch metadata", e))?;
+    let found = metadata.topics().iter().find(|t| t.name() == topic);
+    match found {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
+        _ => Err(Error::Config(format!("topic {topic:?} does not exist on the broker; create it (scripts/services up, or replay)"))),
+    }
+}
+
+/// A record that is not a usable trade, on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: Reject,
+    pub detail: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// Publishes dead letters with their reason and source in headers, and
+/// waits for the broker to acknowledge them before a checkpoint.
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    source_topic: String,
+    pending: Vec<DeliveryFuture>,
+    sent: u64,
+}
+
+impl DeadLetters {
+    pub fn new(args: &KafkaArgs) -> Result<Self> {
+        let producer = args.producer_config()?.create().map_err(|e| Error::kafka("dead-letter producer", e))?;
+        Ok(DeadLetters { producer, topic: args.dlq_topic.clone(), source_topic: args.topic.clone(), pending: Vec::new(), sent: 0 })
+    }
+
+    /// Queues one dead letter; waits for earlier ones when the queue is full.
+    pub async fn send(&mut self, letter: &DeadLetter) -> Result<()> {
+        let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "detail", value: Some(&letter.detail) })
+            .insert(Header { key: "source.topic", value: Some(&self.source_topic) })
+            .insert(Header { key: "source.partition", value: Some(&partition) })
+            .insert(Header { key: "source.offset", value: Some(&offset) });
+        loop {
+            let mut record = FutureRecord::to(&self.topic).payload(&letter.payload).headers(headers.clone());
+            if let Some(key) = &letter.key {
+                record = record.key(key);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    self.pending.push(delivery);
+                    self.sent += 1;
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => self.flush().await?,
+                Err((e, _)) => return Err(Error::kafka("queue dead letter", e)),
+            }
+        }
+    }
+
+    /// Waits until the broker acknowledged every dead letter sent so far.
+    pub async fn flush(&mut self) -> Result<()> {
+        for delivery in self.pending.drain(..) {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(Error::kafka("deliver dead letter", e)),
+                Err(_) => return Err(Error::Config("dead-letter producer shut down before delivery".into())),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// The trades of one partition read in one poll round, with where they came from.
+pub struct PartitionBatch {
+    pub partition: i32,
+    /// Decoded trades, in offset order.
+    pub trades: RecordBatch,
+    /// Source offset of each row of `trades`.
+    pub offsets: Vec<i64>,
+    /// Raw payload of each row of `trades`, for dead-lettering late trades.
+    pub payloads: Vec<Vec<u8>>,
+    /// Next offset to read after this batch (past rejected records too).
+    pub next_offset: i64,
+}
+
+/// What the source thread hands to the consumer loop.
+pub enum SourceEvent {
+    Batch {
+        batches: Vec<PartitionBatch>,
+        rejected: Vec<DeadLetter>,
+    },
+    /// Every partition reached the end it had when the consumer started.
+    End,
+}
+
+/// How the source thread batches.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub max_rows: usize,
+    pub linger: Duration,
+    /// Per partition, the offset at which it is read to the end (`--exit-at-end`).
+    pub end_offsets: Option<HashMap<i32, i64>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    builder: TradeBatchBuilder,
+    offsets: Vec<i64>,
+    payloads: Vec<Vec<u8>>,
+    next_offset: i64,
+}
+
+/// Polls `consumer` on the calling thread until `stop` is set, the receiver
+/// goes away or (with end offsets) every partition is read to its end.
+pub fn run_source(
+    consumer: &BaseConsumer,
+    options: &SourceOptions,
+    positions: &HashMap<i32, i64>,
+    tx: &mpsc::Sender<SourceEvent>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut unfinished: HashMap<i32, i64> = options.end_offsets.clone().unwrap_or_default();
+    unfinished.retain(|p, end| positions.get(p).is_none_or(|pos| pos < end));
+    while !stop.load(Ordering::Relaxed) {
+        if options.end_offsets.is_some() && unfinished.is_empty() {
+            let _ = tx.blocking_send(SourceEvent::End);
+            return Ok(());
+        }
+        let (pending, rejected) = poll_round(consumer, options, &mut unfinished)?;
+        if pending.is_empty() && rejected.is_empty() {
+            continue;
+        }
+        let batches = pending
+            .into_iter()
+            .map(|(partition, mut p)| {
+                Ok(PartitionBatch {
+                    partition,
+                    trades: p.builder.finish()?,
+                    offsets: p.offsets,
+                    payloads: p.payloads,
+                    next_offset: p.next_offset,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if tx.blocking_send(SourceEvent::Batch { batches, rejected }).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>);
+
+/// One batch: up to `max_rows` records or `linger` after the first one.
+fn poll_round(consumer: &BaseConsumer, options: &SourceOptions, unfinished: &mut HashMap<i32, i64>) -> Result<Round> {
+    let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
+    let mut rejected = Vec::new();
+    let mut rows = 0;
+    let mut deadline = None;
+    while rows < options.max_rows {
+        let timeout = match deadline {
+            None => Duration::from_millis(100),
+            Some(at) => match Instant::now().checked_duration_since(at) {
+                Some(_) => break,
+                None => at - Instant::now(),
+            },
+        };
+        let message = match consumer.poll(timeout) {
+            None if deadline.is_none() => return Ok((pending, rejected)),
+            None => break,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                unfinished.remove(&partition);
+                continue;
+            }
+            Some(Err(e)) if is_fatal(&e) => return Err(Error::kafka("consume", e)),
+            Some(Err(e)) => {
+                warn!(error = %e, "kafka consumer error, retrying");
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        deadline.get_or_insert_with(|| Instant::now() + options.linger);
+        rows += 1;
+        let (partition, offset) = (message.partition(), message.offset());
+        if unfinished.get(&partition).is_some_and(|end| offset + 1 >= *end) {
+            unfinished.remove(&partition);
+        }
+        let slot = pending.entry(partition).or_default();
+        slot.next_offset = offset + 1;
+        let payload = message.payload().unwrap_or_default();
+        match binance::decode(payload) {
+            Ok(trade) => {
+                slot.builder.push(&trade);
+                slot.offsets.push(offset);
+                slot.payloads.push(payload.to_vec());
+            }
+            Err(rejection) => {
+                debug!(partition, offset, reason = %rejection.reason, "record rejected");
+                rejected.push(DeadLetter {
+                    reason: rejection.reason,
+                    detail: rejection.detail,
+                    partition,
+                    offset,
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: payload.to_vec(),
+                });
+            }
+        }
+    }
+    Ok((pending, rejected))
+}
+
+/// Errors after which reading on would lose or skip data.
+fn is_fatal(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::OffsetOutOfRange
+                | RDKafkaErrorCode::AutoOffsetReset
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::Fatal
+        )
+    )
+}
+
+/// Shares a flag between the consumer loop and the source thread.
+pub fn stop_flag() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}

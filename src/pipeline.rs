@@ -1,0 +1,302 @@
+//! The consumer loop: Kafka batches in, window state updated, bars to Redis,
+//! then a checkpoint of state and offsets (SPEC §7). Side effect first, then
+//! mark done: a checkpoint is written only after Redis acknowledged every bar
+//! and the broker every dead letter it covers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::binance::Reject;
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::cli::{KafkaArgs, RedisArgs};
+use crate::error::{Error, Result};
+use crate::kafka::{self, DeadLetter, DeadLetters, PartitionBatch, SourceEvent, SourceOptions, REQUEST_TIMEOUT};
+use crate::sink::RedisSink;
+use crate::trade::TradeColumns;
+use crate::window::{Counts, FinalBar, WindowConfig};
+
+/// Everything the consumer needs to run.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub kafka: KafkaArgs,
+    pub redis: RedisArgs,
+    pub state_dir: PathBuf,
+    pub window: WindowConfig,
+    /// Consumer group the offsets are committed to, for lag monitoring only.
+    pub group_id: String,
+    /// Stop once every partition is read to where it ended at start.
+    pub exit_at_end: bool,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_records: u64,
+    pub max_batch_rows: usize,
+    pub linger: Duration,
+    /// Live mode: a bar is also final this long after its end without trades.
+    pub idle_finalize: Option<Duration>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Totals over all partitions, including earlier runs (from the checkpoint).
+    pub counts: Counts,
+    /// Records read in this run.
+    pub records: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs the consumer until `shutdown` resolves or, with `exit_at_end`, the
+/// partitions are read to their end; always ends with a checkpoint.
+pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
+    config.window.validate()?;
+    let started = Instant::now();
+    let store = Arc::new(open_store(&config).await?);
+    let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
+    let consumer = Arc::new(create_consumer(&config)?);
+    let (positions, end_offsets) = assign(&consumer, &config, &partitions)?;
+    let sink = RedisSink::connect(
+        &config.redis.redis_url,
+        &config.redis.redis_prefix,
+        config.window.names(),
+        config.redis.retention_ms(),
+        config.redis.retry_for(),
+    )
+    .await?;
+    let dead_letters = DeadLetters::new(&config.kafka)?;
+
+    let (tx, rx) = mpsc::channel(2);
+    let stop = kafka::stop_flag();
+    let source_options =
+        SourceOptions { max_rows: config.max_batch_rows, linger: config.linger, end_offsets: config.exit_at_end.then_some(end_offsets) };
+    let source = {
+        let (consumer, stop) = (consumer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-source".into())
+            .spawn(move || kafka::run_source(&consumer, &source_options, &positions, &tx, &stop))
+            .map_err(|e| Error::io("kafka-source thread", e))?
+    };
+
+    let mut consumer_loop = Loop {
+        config,
+        store,
+        consumer,
+        sink,
+        dead_letters,
+        partitions,
+        dirty: BTreeSet::new(),
+        since_checkpoint: 0,
+        last_checkpoint: Instant::now(),
+        summary: Summary::default(),
+    };
+    let result = consumer_loop.run(rx, shutdown).await;
+    stop.store(true, Ordering::Relaxed);
+    let source_result = source.join().map_err(|_| Error::Config("kafka source thread panicked".into()))?;
+    result?;
+    source_result?;
+    let mut summary = consumer_loop.summary;
+    summary.counts = consumer_loop.partitions.values().fold(Counts::default(), |mut total, p| {
+        total.add(&p.state.counts);
+        total
+    });
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {
+    let (dir, topic) = (config.state_dir.clone(), config.kafka.topic.clone());
+    tokio::task::spawn_blocking(move || CheckpointStore::open(&dir, &topic))
+        .await
+        .map_err(|e| Error::Config(format!("checkpoint open: {e}")))?
+}
+
+fn create_consumer(config: &ConsumerConfig) -> Result<BaseConsumer> {
+    let mut client = config.kafka.config_with(&[("group.id", &config.group_id), ("fetch.wait.max.ms", "50")])?;
+    // Not negotiable: offsets come from the checkpoint, and an offset the
+    // broker no longer has is an error, never a silent jump.
+    client
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error");
+    client.create().map_err(|e| Error::kafka("create consumer", e))
+}
+
+type Positions = (HashMap<i32, i64>, HashMap<i32, i64>);
+
+/// Assigns every partition of the topic at its checkpointed offset (or the
+/// beginning). Returns where each starts and where each ended at start.
+fn assign(consumer: &BaseConsumer, config: &ConsumerConfig, checkpoints: &BTreeMap<i32, PartitionCheckpoint>) -> Result<Positions> {
+    let topic = &config.kafka.topic;
+    let mut list = TopicPartitionList::new();
+    let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
+    for partition in kafka::partitions_of(consumer, topic)? {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
+        let start = match checkpoints.get(&partition) {
+            Some(c) if c.next_offset < low || c.next_offset > high => {
+                return Err(Error::Config(format!(
+                    "checkpointed offset {} of {topic}/{partition} is not on the broker (it holds {low}..{high}); \
+                     the records in between are lost to this consumer: restore the topic or start with a fresh --state-dir",
+                    c.next_offset
+                )));
+            }
+            Some(c) => c.next_offset,
+            None => low,
+        };
+        list.add_partition_offset(topic, partition, Offset::Offset(start)).map_err(|e| Error::kafka("assign", e))?;
+        positions.insert(partition, start);
+        ends.insert(partition, high);
+    }
+    consumer.assign(&list).map_err(|e| Error::kafka("assign", e))?;
+    info!(%topic, partitions = positions.len(), "assigned at checkpointed offsets");
+    Ok((positions, ends))
+}
+
+struct Loop {
+    config: ConsumerConfig,
+    store: Arc<CheckpointStore>,
+    consumer: Arc<BaseConsumer>,
+    sink: RedisSink,
+    dead_letters: DeadLetters,
+    partitions: BTreeMap<i32, PartitionCheckpoint>,
+    /// Partitions changed since the last checkpoint.
+    dirty: BTreeSet<i32>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    summary: Summary,
+}
+
+impl Loop {
+    async fn run(&mut self, mut rx: mpsc::Receiver<SourceEvent>, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                event = rx.recv() => match event {
+                    Some(SourceEvent::Batch { batches, rejected }) => self.on_batch(batches, rejected).await?,
+                    Some(SourceEvent::End) | None => break,
+                },
+                _ = tick.tick() => self.on_tick().await?,
+            }
+        }
+        self.shutdown().await
+    }
+
+    async fn on_batch(&mut self, batches: Vec<PartitionBatch>, rejected: Vec<DeadLetter>) -> Result<()> {
+        for letter in &rejected {
+            self.partitions.entry(letter.partition).or_default().state.counts.rejected += 1;
+            self.dead_letters.send(letter).await?;
+        }
+        let mut bars = Vec::new();
+        for batch in batches {
+            let partition = self.partitions.entry(batch.partition).or_default();
+            let output = partition.state.apply(&batch.trades, &self.config.window)?;
+            partition.next_offset = batch.next_offset;
+            self.dirty.insert(batch.partition);
+            self.summary.records += batch.offsets.len() as u64;
+            self.since_checkpoint += batch.offsets.len() as u64;
+            for row in output.late_rows {
+                self.dead_letters.send(&late_letter(&batch, row)?).await?;
+            }
+            bars.extend(output.bars);
+        }
+        self.summary.records += rejected.len() as u64;
+        self.since_checkpoint += rejected.len() as u64;
+        self.write(&bars).await?;
+        if self.since_checkpoint >= self.config.checkpoint_records {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        if let Some(idle) = self.config.idle_finalize {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let mut bars = Vec::new();
+            for (partition, checkpoint) in &mut self.partitions {
+                let closed = checkpoint.state.finalize_idle(now, idle.as_millis() as i64, &self.config.window);
+                if !closed.is_empty() {
+                    self.dirty.insert(*partition);
+                    bars.extend(closed);
+                }
+            }
+            self.write(&bars).await?;
+        }
+        if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, bars: &[FinalBar]) -> Result<()> {
+        self.sink.write(bars).await
+    }
+
+    /// Dead letters acknowledged, then state and offsets in one synced batch,
+    /// then (for lag monitoring only) the same offsets to the group.
+    async fn checkpoint(&mut self) -> Result<()> {
+        self.dead_letters.flush().await?;
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let changed: Vec<(i32, PartitionCheckpoint)> =
+            self.dirty.iter().filter_map(|p| Some((*p, self.partitions.get(p)?.clone()))).collect();
+        let store = self.store.clone();
+        let saved = changed.clone();
+        tokio::task::spawn_blocking(move || store.save(saved.iter().map(|(p, c)| (*p, c))))
+            .await
+            .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))??;
+        self.dirty.clear();
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.summary.checkpoints += 1;
+        self.commit_for_monitoring(&changed);
+        Ok(())
+    }
+
+    fn commit_for_monitoring(&self, changed: &[(i32, PartitionCheckpoint)]) {
+        let mut list = TopicPartitionList::new();
+        for (partition, checkpoint) in changed {
+            let _ = list.add_partition_offset(&self.config.kafka.topic, *partition, Offset::Offset(checkpoint.next_offset));
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            warn!(error = %e, "offset commit for lag monitoring failed; checkpoints are unaffected");
+        }
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        self.checkpoint().await?;
+        self.summary.dead_letters = self.dead_letters.sent();
+        info!(
+            records = self.summary.records,
+            checkpoints = self.summary.checkpoints,
+            dead_letters = self.summary.dead_letters,
+            "consumer stopped"
+        );
+        Ok(())
+    }
+}
+
+fn late_letter(batch: &PartitionBatch, row: usize) -> Result<DeadLetter> {
+    let cols = TradeColumns::new(&batch.trades)?;
+    let trade = cols.trade(row);
+    Ok(DeadLetter {
+        reason: Reject::Late,
+        detail: format!("trade {} of {} at {} is for a bar already final", trade.id, trade.symbol, trade.time_ms),
+        partition: batch.partition,
+        offset: batch.offsets[row],
+        key: Some(trade.symbol.as_bytes().to_vec()),
+        payload: batch.payloads[row].clone(),
+    })
+}

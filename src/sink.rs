@@ -1,0 +1,187 @@
+//! Writes final bars to Redis (SPEC §6): one Lua script call per bar, all
+//! bars of a batch in one pipeline. The script makes every write idempotent,
+//! so a bar written again after a crash leaves Redis as it was.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tracing::warn;
+
+use crate::decimal;
+use crate::error::{Error, Result};
+use crate::window::{FinalBar, MetricNames};
+
+/// Per bar: the symbols set, the latest hash (replaced only by a newer bar),
+/// the stream entry `E-0` and one sorted-set member per metric; then
+/// trimming by event time relative to the newest bar of the symbol.
+///
+/// KEYS: symbols, latest, stream, then one sorted set per metric.
+/// ARGV: symbol, window_end, retention_ms, n, n field names, n values ('' =
+/// absent), then per sorted set the 1-based index of its field.
+const WRITE_BAR: &str = r#"
+local e = tonumber(ARGV[2])
+local n = tonumber(ARGV[4])
+redis.call('SADD', KEYS[1], ARGV[1])
+local newest = tonumber(redis.call('HGET', KEYS[2], 'window_end') or '-1')
+local fields = {}
+for i = 1, n do
+  local value = ARGV[4 + n + i]
+  if value ~= '' then
+    table.insert(fields, ARGV[4 + i])
+    table.insert(fields, value)
+  end
+end
+if e > newest then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'window_end', ARGV[2], unpack(fields))
+  newest = e
+end
+local cutoff = newest - tonumber(ARGV[3])
+if e < cutoff then
+  return 0
+end
+local cutoff_text = string.format('%d', cutoff)
+local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #top == 0 or tonumber(string.match(top[1][1], '^(%d+)')) < e then
+  redis.call('XADD', KEYS[3], ARGV[2] .. '-0', unpack(fields))
+end
+redis.call('XTRIM', KEYS[3], 'MINID', cutoff_text)
+for k = 4, #KEYS do
+  local value = ARGV[4 + n + tonumber(ARGV[4 + 2 * n + k - 3])]
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], e, e)
+  if value ~= '' then
+    redis.call('ZADD', KEYS[k], e, ARGV[2] .. ':' .. value)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', '(' .. cutoff_text)
+end
+return 1
+"#;
+
+/// The Redis side of the consumer.
+pub struct RedisSink {
+    conn: ConnectionManager,
+    script: Script,
+    keys: Keys,
+    names: MetricNames,
+    retention_ms: i64,
+    retry_for: Duration,
+}
+
+/// Key names under a prefix (SPEC §6).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub prefix: String,
+}
+
+impl Keys {
+    pub fn symbols(&self) -> String {
+        format!("{}:symbols", self.prefix)
+    }
+    pub fn latest(&self, symbol: &str) -> String {
+        format!("{}:latest:{symbol}", self.prefix)
+    }
+    pub fn series(&self, symbol: &str, metric: &str) -> String {
+        format!("{}:ts:{symbol}:{metric}", self.prefix)
+    }
+    pub fn bars(&self, symbol: &str) -> String {
+        format!("{}:bars:{symbol}", self.prefix)
+    }
+}
+
+/// Opens a connection manager that reconnects by itself and gives up on a
+/// single request after a while, so a paused Redis surfaces as an error.
+pub async fn connect(url: &str) -> Result<ConnectionManager> {
+    let client = redis::Client::open(url).map_err(|e| Error::redis("parse url", e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(Duration::from_secs(10))
+        .set_number_of_retries(2);
+    ConnectionManager::new_with_config(client, config).await.map_err(|e| Error::redis("connect", e))
+}
+
+impl RedisSink {
+    pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
+        let conn = connect(url).await?;
+        Ok(RedisSink { conn, script: Script::new(WRITE_BAR), keys: Keys { prefix: prefix.to_owned() }, names, retention_ms, retry_for })
+    }
+
+    /// Writes bars, retrying with backoff while Redis is unreachable, up to
+    /// the configured time; only then is the error returned.
+    pub async fn write(&mut self, bars: &[FinalBar]) -> Result<()> {
+        if bars.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.write_once(bars).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retryable() && started.elapsed() < self.retry_for => {
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis write failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for bar in bars {
+            pipe.invoke_script(&self.invocation(bar)).ignore();
+        }
+        match pipe.query_async::<()>(&mut self.conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                // Redis restarted or flushed its scripts: load and go again.
+                self.script.prepare_invoke().load_async(&mut self.conn).await.map_err(|e| Error::redis("load script", e))?;
+                pipe.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis("write bars", e))
+            }
+            other => other.map_err(|e| Error::redis("write bars", e)),
+        }
+    }
+
+    fn invocation(&self, bar: &FinalBar) -> redis::ScriptInvocation<'_> {
+        let fields = fields_of(bar, &self.names);
+        let series = [0usize, 1, 5, 6, 7];
+        let mut invocation = self.script.prepare_invoke();
+        invocation.key(self.keys.symbols()).key(self.keys.latest(&bar.symbol)).key(self.keys.bars(&bar.symbol));
+        for &i in &series {
+            invocation.key(self.keys.series(&bar.symbol, &fields[i].0));
+        }
+        invocation.arg(&bar.symbol).arg(bar.end).arg(self.retention_ms).arg(fields.len());
+        for (name, _) in &fields {
+            invocation.arg(name);
+        }
+        for (_, value) in &fields {
+            invocation.arg(value.as_deref().unwrap_or(""));
+        }
+        for &i in &series {
+            invocation.arg(i + 1);
+        }
+        invocation
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+}
+
+/// The fields of a bar in the latest hash and the stream, in a fixed order:
+/// close, volume, trades, buy_volume, sell_volume, vwap_1s, vwap_5s, rsi_14.
+/// Decimal values keep all eight places; floats are printed in their
+/// shortest exact form, so the same bar always gives the same bytes.
+pub fn fields_of(bar: &FinalBar, names: &MetricNames) -> Vec<(String, Option<String>)> {
+    let fixed = |units: i128| Some(decimal::format(units, decimal::SCALE as u32));
+    vec![
+        ("close".into(), fixed(bar.bar.close)),
+        ("volume".into(), fixed(bar.bar.volume)),
+        ("trades".into(), Some(bar.bar.trades.to_string())),
+        ("buy_volume".into(), fixed(bar.bar.buy_volume)),
+        ("sell_volume".into(), fixed(bar.bar.sell_volume())),
+        (names.vwap_bar.clone(), Some(bar.vwap_bar.to_string())),
+        (names.vwap_long.clone(), Some(bar.vwap_long.to_string())),
+        (names.rsi.clone(), bar.rsi.map(|v| v.to_string())),
+    ]
+}

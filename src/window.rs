@@ -1,0 +1,523 @@
+//! Event-time windows (SPEC §3-5): 1-second bars, the VWAP of a bar and of
+//! the last five seconds, and Wilder's RSI over bar closes, computed over
+//! whole Arrow record batches.
+//!
+//! State is kept per Kafka partition ([`PartitionState`]) so it can be
+//! checkpointed with that partition's offset and move with it. The result
+//! depends only on the sequence of trades, never on where batches begin or
+//! end: sums are exact integers and bars merge associatively.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use arrow::array::{Array, BooleanArray, Decimal128Array, RecordBatch, UInt32Array};
+use arrow::compute::kernels::numeric::mul;
+use arrow::compute::{max, min, nullif, sum, take};
+use serde::{Deserialize, Serialize};
+
+use crate::decimal;
+use crate::error::{Error, Result};
+use crate::trade::TradeColumns;
+
+/// Default bar width.
+pub const DEFAULT_BAR_MS: i64 = 1_000;
+/// Default width of the longer VWAP window.
+pub const DEFAULT_VWAP_MS: i64 = 5_000;
+/// Default RSI period, in bars.
+pub const DEFAULT_RSI_PERIOD: u32 = 14;
+/// Below this the RSI averages are rescaled together: their ratio is all
+/// that matters, and a long silence must not underflow both to zero.
+const RSI_FLOOR: f64 = 1e-200;
+
+/// Window widths and the RSI period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowConfig {
+    pub bar_ms: i64,
+    pub vwap_ms: i64,
+    pub rsi_period: u32,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig { bar_ms: DEFAULT_BAR_MS, vwap_ms: DEFAULT_VWAP_MS, rsi_period: DEFAULT_RSI_PERIOD }
+    }
+}
+
+/// Output names that carry the configured widths (`vwap_1s`, `vwap_5s`, `rsi_14`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricNames {
+    pub vwap_bar: String,
+    pub vwap_long: String,
+    pub rsi: String,
+}
+
+impl WindowConfig {
+    /// Checks that the widths fit together.
+    pub fn validate(&self) -> Result<()> {
+        if self.bar_ms <= 0 || self.vwap_ms <= 0 || self.vwap_ms % self.bar_ms != 0 || self.rsi_period == 0 {
+            return Err(Error::Config(format!(
+                "windows: bar {} ms, vwap {} ms, rsi period {}: the vwap window must be a positive multiple of the bar",
+                self.bar_ms, self.vwap_ms, self.rsi_period
+            )));
+        }
+        Ok(())
+    }
+
+    /// Start of the bar holding a trade at `time_ms`.
+    pub fn bar_start(&self, time_ms: i64) -> i64 {
+        time_ms.div_euclid(self.bar_ms) * self.bar_ms
+    }
+
+    pub fn names(&self) -> MetricNames {
+        MetricNames {
+            vwap_bar: format!("vwap_{}", duration_name(self.bar_ms)),
+            vwap_long: format!("vwap_{}", duration_name(self.vwap_ms)),
+            rsi: format!("rsi_{}", self.rsi_period),
+        }
+    }
+}
+
+fn duration_name(ms: i64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// One bar's exact sums. Prices and volumes are 1e-8 units, `quote_volume`
+/// (Σp·q) is 1e-16 units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bar {
+    pub start: i64,
+    pub open: i128,
+    pub high: i128,
+    pub low: i128,
+    pub close: i128,
+    pub volume: i128,
+    pub quote_volume: i128,
+    /// Σq of trades where the taker bought (`buyer_is_maker` false).
+    pub buy_volume: i128,
+    pub trades: u64,
+}
+
+impl Bar {
+    /// Folds in the trades of the same bar that came later.
+    fn merge(&mut self, later: &Bar) {
+        self.high = self.high.max(later.high);
+        self.low = self.low.min(later.low);
+        self.close = later.close;
+        self.volume += later.volume;
+        self.quote_volume += later.quote_volume;
+        self.buy_volume += later.buy_volume;
+        self.trades += later.trades;
+    }
+
+    pub fn sell_volume(&self) -> i128 {
+        self.volume - self.buy_volume
+    }
+}
+
+/// A bar that no later trade can change, with the metrics emitted with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinalBar {
+    pub symbol: String,
+    /// End of the bar, ms: the bar holds trades with start <= T < end.
+    pub end: i64,
+    pub bar: Bar,
+    pub vwap_bar: f64,
+    pub vwap_long: f64,
+    pub rsi: Option<f64>,
+}
+
+/// Wilder's RSI over the series of bar closes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Rsi {
+    /// Start of the newest final bar.
+    last_start: Option<i64>,
+    last_close: i128,
+    /// Changes seen, up to the period.
+    seeded: u32,
+    seed_gain: i128,
+    seed_loss: i128,
+    avg_gain: f64,
+    avg_loss: f64,
+}
+
+impl Rsi {
+    fn on_close(&mut self, start: i64, close: i128, cfg: &WindowConfig) {
+        if let Some(last) = self.last_start {
+            // A bar width with no trades repeats the previous close.
+            self.push_zeros((start - last) / cfg.bar_ms - 1, cfg.rsi_period);
+            self.push_change(close - self.last_close, cfg.rsi_period);
+        }
+        self.last_start = Some(start);
+        self.last_close = close;
+    }
+
+    fn push_change(&mut self, change: i128, period: u32) {
+        let (gain, loss) = (change.max(0), (-change).max(0));
+        if self.seeded < period {
+            self.seed_gain += gain;
+            self.seed_loss += loss;
+            self.seeded += 1;
+            if self.seeded == period {
+                self.avg_gain = decimal::ratio(self.seed_gain, i128::from(period), 8);
+                self.avg_loss = decimal::ratio(self.seed_loss, i128::from(period), 8);
+            }
+        } else {
+            let p = f64::from(period);
+            self.avg_gain = (self.avg_gain * (p - 1.0) + decimal::to_f64(gain)) / p;
+            self.avg_loss = (self.avg_loss * (p - 1.0) + decimal::to_f64(loss)) / p;
+        }
+    }
+
+    /// `n` zero changes: after seeding each one scales both averages by (p-1)/p.
+    fn push_zeros(&mut self, n: i64, period: u32) {
+        let seeding = n.min(i64::from(period - self.seeded));
+        for _ in 0..seeding {
+            self.push_change(0, period);
+        }
+        let rest = n - seeding;
+        let largest = self.avg_gain.max(self.avg_loss);
+        if rest <= 0 || largest == 0.0 {
+            return;
+        }
+        let p = f64::from(period);
+        let factor = ((p - 1.0) / p).powi(rest.min(i64::from(i32::MAX)) as i32);
+        let scale = if largest * factor >= RSI_FLOOR { factor } else { RSI_FLOOR / largest };
+        self.avg_gain *= scale;
+        self.avg_loss *= scale;
+    }
+
+    fn value(&self, period: u32) -> Option<f64> {
+        if self.seeded < period {
+            return None;
+        }
+        let (gain, loss) = (self.avg_gain, self.avg_loss);
+        Some(if loss > 0.0 {
+            100.0 - 100.0 / (1.0 + gain / loss)
+        } else if gain > 0.0 {
+            100.0
+        } else {
+            50.0
+        })
+    }
+}
+
+/// A final bar's contribution to the longer VWAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Recent {
+    start: i64,
+    quote_volume: i128,
+    volume: i128,
+}
+
+/// Everything kept for one symbol between batches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SymbolWindow {
+    /// Highest trade id applied; anything at or below it is a duplicate.
+    pub last_id: Option<i64>,
+    /// The newest bar, still open to trades of its second.
+    pub open: Option<Bar>,
+    /// Final bars inside the longer VWAP window.
+    recent: VecDeque<Recent>,
+    rsi: Rsi,
+}
+
+/// Trades accounted for, kept in the checkpoint so counts are exact too.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub rejected: u64,
+    pub bars: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, other: &Counts) {
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.late += other.late;
+        self.rejected += other.rejected;
+        self.bars += other.bars;
+    }
+}
+
+/// The window state of every symbol of one Kafka partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionState {
+    pub symbols: BTreeMap<String, SymbolWindow>,
+    pub counts: Counts,
+}
+
+/// What applying one batch produced.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// Bars made final by this batch, in order per symbol.
+    pub bars: Vec<FinalBar>,
+    /// Rows of the batch that were late (SPEC §5), in row order.
+    pub late_rows: Vec<usize>,
+}
+
+impl PartitionState {
+    /// Applies a batch of this partition's trades, in row order.
+    pub fn apply(&mut self, batch: &RecordBatch, cfg: &WindowConfig) -> Result<BatchOutput> {
+        let cols = TradeColumns::new(batch)?;
+        let mut out = BatchOutput::default();
+        for (symbol, rows) in group_by_symbol(&cols) {
+            if !self.symbols.contains_key(symbol) {
+                self.symbols.insert(symbol.to_owned(), SymbolWindow::default());
+            }
+            let window = self.symbols.get_mut(symbol).ok_or_else(|| Error::Config("symbol vanished".into()))?;
+            let accepted = window.admit(&rows, &cols, cfg, &mut self.counts, &mut out.late_rows);
+            for bar in bars_of(&cols, &accepted, cfg)? {
+                if let Some(done) = window.add_bar(bar) {
+                    out.bars.push(window.finalize(symbol, done, cfg));
+                }
+            }
+        }
+        self.counts.bars += out.bars.len() as u64;
+        out.late_rows.sort_unstable();
+        Ok(out)
+    }
+
+    /// Live mode: finalizes open bars that ended more than `idle_ms` before
+    /// the wall clock `now_ms` (SPEC §3).
+    pub fn finalize_idle(&mut self, now_ms: i64, idle_ms: i64, cfg: &WindowConfig) -> Vec<FinalBar> {
+        let mut bars = Vec::new();
+        for (symbol, window) in &mut self.symbols {
+            if window.open.as_ref().is_some_and(|bar| bar.start + cfg.bar_ms + idle_ms <= now_ms) {
+                if let Some(done) = window.open.take() {
+                    bars.push(window.finalize(symbol, done, cfg));
+                }
+            }
+        }
+        self.counts.bars += bars.len() as u64;
+        bars
+    }
+}
+
+/// Row indices per symbol, symbols in order of first appearance, rows in order.
+fn group_by_symbol<'a>(cols: &TradeColumns<'a>) -> Vec<(&'a str, Vec<u32>)> {
+    let values = cols.symbol_values;
+    // A dictionary may hold a symbol twice (concatenated batches): map each
+    // key to one group per distinct symbol.
+    let mut group_of_key = vec![usize::MAX; values.len()];
+    let mut group_of_symbol: HashMap<&str, usize> = HashMap::new();
+    let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
+    for (row, &key) in cols.symbol.keys().values().iter().enumerate() {
+        let key = key as usize;
+        if group_of_key[key] == usize::MAX {
+            let symbol = values.value(key);
+            group_of_key[key] = *group_of_symbol.entry(symbol).or_insert_with(|| {
+                groups.push((symbol, Vec::new()));
+                groups.len() - 1
+            });
+        }
+        groups[group_of_key[key]].1.push(row as u32);
+    }
+    groups
+}
+
+impl SymbolWindow {
+    /// Drops duplicates, sets aside late trades and returns the rows to apply.
+    fn admit(&mut self, rows: &[u32], cols: &TradeColumns<'_>, cfg: &WindowConfig, counts: &mut Counts, late: &mut Vec<usize>) -> Vec<u32> {
+        let (ids, times) = (cols.id.values(), cols.time.values());
+        let mut open_start = self.open.as_ref().map(|bar| bar.start);
+        let closed_through = self.rsi.last_start;
+        let mut accepted = Vec::with_capacity(rows.len());
+        for &row in rows {
+            let (id, start) = (ids[row as usize], cfg.bar_start(times[row as usize]));
+            if self.last_id.is_some_and(|last| id <= last) {
+                counts.duplicates += 1;
+            } else if open_start.is_some_and(|open| start < open) || closed_through.is_some_and(|closed| start <= closed) {
+                counts.late += 1;
+                late.push(row as usize);
+            } else {
+                open_start = Some(start);
+                self.last_id = Some(id);
+                accepted.push(row);
+            }
+        }
+        counts.applied += accepted.len() as u64;
+        accepted
+    }
+
+    /// Adds the trades of one bar; returns the previous bar if this made it final.
+    fn add_bar(&mut self, bar: Bar) -> Option<Bar> {
+        match &mut self.open {
+            Some(open) if open.start == bar.start => {
+                open.merge(&bar);
+                None
+            }
+            _ => self.open.replace(bar),
+        }
+    }
+
+    fn finalize(&mut self, symbol: &str, bar: Bar, cfg: &WindowConfig) -> FinalBar {
+        let end = bar.start + cfg.bar_ms;
+        self.rsi.on_close(bar.start, bar.close, cfg);
+        self.recent.push_back(Recent { start: bar.start, quote_volume: bar.quote_volume, volume: bar.volume });
+        while self.recent.front().is_some_and(|r| r.start < end - cfg.vwap_ms) {
+            self.recent.pop_front();
+        }
+        let (quote, volume) = self.recent.iter().fold((0, 0), |(q, v), r| (q + r.quote_volume, v + r.volume));
+        FinalBar {
+            symbol: symbol.to_owned(),
+            end,
+            vwap_bar: decimal::ratio(bar.quote_volume, bar.volume, 8),
+            vwap_long: decimal::ratio(quote, volume, 8),
+            rsi: self.rsi.value(cfg.rsi_period),
+            bar,
+        }
+    }
+}
+
+/// The bars (one per run of equal bar start) of one symbol's accepted rows,
+/// aggregated with Arrow kernels over column slices.
+fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig) -> Result<Vec<Bar>> {
+    if accepted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let indices = UInt32Array::from(accepted.to_vec());
+    let price = decimals(take(cols.price, &indices, None)?)?;
+    let qty = decimals(take(cols.qty, &indices, None)?)?;
+    let maker = take(cols.buyer_is_maker, &indices, None)?;
+    let maker = maker.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| Error::Config("buyer_is_maker is not boolean".into()))?;
+    let quote = decimals(mul(&price, &qty)?)?;
+    // Quantities where the taker bought: null where the buyer was the maker.
+    let bought = decimals(nullif(&qty, maker)?)?;
+    let times = cols.time.values();
+    let mut bars = Vec::new();
+    let mut run_begin = 0;
+    while run_begin < accepted.len() {
+        let start = cfg.bar_start(times[accepted[run_begin] as usize]);
+        let run_len = accepted[run_begin..].iter().take_while(|&&row| cfg.bar_start(times[row as usize]) == start).count();
+        let slice = |a: &Decimal128Array| a.slice(run_begin, run_len);
+        bars.push(Bar {
+            start,
+            open: price.value(run_begin),
+            high: max(&slice(&price)).unwrap_or_default(),
+            low: min(&slice(&price)).unwrap_or_default(),
+            close: price.value(run_begin + run_len - 1),
+            volume: sum(&slice(&qty)).unwrap_or_default(),
+            quote_volume: sum(&slice(&quote)).unwrap_or_default(),
+            buy_volume: sum(&slice(&bought)).unwrap_or_default(),
+            trades: run_len as u64,
+        });
+        run_begin += run_len;
+    }
+    Ok(bars)
+}
+
+fn decimals(array: arrow::array::ArrayRef) -> Result<Decimal128Array> {
+    array.as_any().downcast_ref::<Decimal128Array>().cloned().ok_or_else(|| Error::Config("expected a decimal column".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trade::{Trade, TradeBatchBuilder};
+
+    fn batch(trades: &[(&str, i64, &str, &str, i64, bool)]) -> RecordBatch {
+        let mut builder = TradeBatchBuilder::default();
+        for &(symbol, id, price, qty, time_ms, buyer_is_maker) in trades {
+            builder.push(&Trade {
+                symbol: symbol.into(),
+                id,
+                price: decimal::parse(price).unwrap(),
+                qty: decimal::parse(qty).unwrap(),
+                time_ms,
+                buyer_is_maker,
+                event_time_ms: None,
+            });
+        }
+        builder.finish().unwrap()
+    }
+
+    #[test]
+    fn a_bar_is_final_when_a_later_second_arrives() {
+        let cfg = WindowConfig::default();
+        let mut state = PartitionState::default();
+        let out = state
+            .apply(&batch(&[("X", 1, "10", "1", 1_000, false), ("X", 2, "12", "3", 1_999, true), ("X", 3, "11", "1", 2_000, false)]), &cfg)
+            .unwrap();
+        assert_eq!(out.bars.len(), 1);
+        let bar = &out.bars[0];
+        assert_eq!(bar.end, 2_000);
+        assert_eq!(
+            (bar.bar.open, bar.bar.high, bar.bar.low, bar.bar.close),
+            (10 * decimal::ONE, 12 * decimal::ONE, 10 * decimal::ONE, 12 * decimal::ONE)
+        );
+        assert_eq!((bar.bar.volume, bar.bar.buy_volume, bar.bar.sell_volume()), (4 * decimal::ONE, decimal::ONE, 3 * decimal::ONE));
+        assert_eq!(bar.vwap_bar, 11.5);
+        assert_eq!(bar.rsi, None);
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_late_trades_set_aside() {
+        let cfg = WindowConfig::default();
+        let mut state = PartitionState::default();
+        state.apply(&batch(&[("X", 1, "10", "1", 1_000, false), ("X", 2, "10", "1", 2_500, false)]), &cfg).unwrap();
+        let out = state
+            .apply(&batch(&[("X", 2, "10", "1", 2_500, false), ("X", 1, "10", "1", 1_000, false), ("X", 5, "10", "1", 1_500, false)]), &cfg)
+            .unwrap();
+        assert_eq!(out.late_rows, vec![2]);
+        assert_eq!((state.counts.duplicates, state.counts.late, state.counts.applied), (2, 1, 2));
+        // The late trade was not applied: its id may still come in time order later.
+        assert_eq!(state.symbols["X"].last_id, Some(2));
+    }
+
+    #[test]
+    fn batch_boundaries_do_not_change_the_result() {
+        let cfg = WindowConfig { bar_ms: 1_000, vwap_ms: 3_000, rsi_period: 2 };
+        let trades: Vec<_> =
+            (0..60).map(|i| ("X", i, if i % 3 == 0 { "10.5" } else { "10.25" }, "0.1", 1_000 + i * 337, i % 2 == 0)).collect();
+        let mut whole = PartitionState::default();
+        let expected = whole.apply(&batch(&trades), &cfg).unwrap().bars;
+        for size in [1, 2, 7, 59] {
+            let mut state = PartitionState::default();
+            let bars: Vec<_> = trades.chunks(size).flat_map(|chunk| state.apply(&batch(chunk), &cfg).unwrap().bars).collect();
+            assert_eq!(bars, expected, "batches of {size}");
+            assert_eq!(state, whole);
+        }
+    }
+
+    #[test]
+    fn rsi_repeats_the_close_through_empty_seconds_and_survives_long_silence() {
+        let cfg = WindowConfig { rsi_period: 2, ..WindowConfig::default() };
+        let mut state = PartitionState::default();
+        // closes 10 (t=1s), 12 (t=2s), nothing at 3s, 11 (t=4s) -> changes +2, 0, -1
+        let out = state
+            .apply(
+                &batch(&[
+                    ("X", 1, "10", "1", 1_000, false),
+                    ("X", 2, "12", "1", 2_000, false),
+                    ("X", 3, "11", "1", 4_000, false),
+                    ("X", 4, "11", "1", 5_000, false),
+                ]),
+                &cfg,
+            )
+            .unwrap();
+        let rsi: Vec<_> = out.bars.iter().map(|b| b.rsi).collect();
+        // after +2, 0: avg gain 1, avg loss 0 -> 100; then -1: gain 0.5, loss 0.5 -> 50
+        assert_eq!(rsi, vec![None, None, Some(50.0)]);
+        // The 5 s window ending at 3 s holds the bars of 1 s and 2 s.
+        assert_eq!(out.bars[1].vwap_long, 11.0);
+        // A day without trades keeps the ratio of the averages.
+        let out = state.apply(&batch(&[("X", 5, "11", "1", 86_400_000, false), ("X", 6, "11", "1", 86_401_000, false)]), &cfg).unwrap();
+        assert_eq!(out.bars.last().and_then(|b| b.rsi), Some(50.0));
+    }
+
+    #[test]
+    fn metric_names_follow_the_configured_widths() {
+        assert_eq!(
+            WindowConfig::default().names(),
+            MetricNames { vwap_bar: "vwap_1s".into(), vwap_long: "vwap_5s".into(), rsi: "rsi_14".into() }
+        );
+        let cfg = WindowConfig { bar_ms: 500, vwap_ms: 1_500, rsi_period: 7 };
+        assert_eq!(cfg.names().vwap_bar, "vwap_500ms");
+        assert!(WindowConfig { vwap_ms: 1_200, ..WindowConfig::default() }.validate().is_err());
+    }
+}
