@@ -50,10 +50,33 @@ pub fn format(units: i128, scale: u32) -> String {
     format!("{sign}{}.{:0width$}", abs / div, abs % div, width = scale as usize)
 }
 
-/// The ratio of two fixed-point values of any scale as a float, e.g. a VWAP
-/// from Σp·q (scale 16) and Σq (scale 8).
+/// Fraction digits worked out by long division in [`ratio`]: beyond the 17
+/// significant digits a float needs to be rounded correctly.
+const RATIO_DIGITS: usize = 24;
+
+/// The ratio of two fixed-point values, `numerator / denominator /
+/// 10^scale_difference`, as the float nearest to the exact quotient (e.g. a
+/// VWAP from Σp·q at scale 16 and Σq at scale 8). Long division in integers,
+/// then one correctly rounded decimal-to-float conversion.
 pub fn ratio(numerator: i128, denominator: i128, scale_difference: i32) -> f64 {
-    numerator as f64 / denominator as f64 / 10f64.powi(scale_difference)
+    if denominator == 0 {
+        return f64::NAN;
+    }
+    let negative = (numerator < 0) != (denominator < 0);
+    let (n, d) = (numerator.unsigned_abs(), denominator.unsigned_abs());
+    let mut text = format!("{}{}.", if negative { "-" } else { "" }, n / d);
+    let mut rest = n % d;
+    for _ in 0..RATIO_DIGITS {
+        match rest.checked_mul(10) {
+            Some(r) => {
+                text.push(char::from(b'0' + (r / d) as u8));
+                rest = r % d;
+            }
+            None => return numerator as f64 / denominator as f64 / 10f64.powi(scale_difference),
+        }
+    }
+    text.push_str(&format!("e-{scale_difference}"));
+    text.parse().unwrap_or(f64::NAN)
 }
 
 /// Fixed-point units as a float.
@@ -103,5 +126,10 @@ mod tests {
     fn ratio_divides_across_scales() {
         // 2 * 3.5 = 7 at scale 16, over 2 at scale 8: 3.5
         assert_eq!(ratio(7 * ONE * ONE, 2 * ONE, 8), 3.5);
+        assert_eq!(ratio(-1, 3, 0), -1.0 / 3.0);
+        assert!(ratio(1, 0, 0).is_nan());
+        // Σp·q / Σq of the first BTCUSDT bar of the fixtures: the float
+        // nearest to the exact 61834.3756833612556211974252711...
+        assert_eq!(ratio(140_252_730_925_000_000_000, 22_682_000, 8), "61834.3756833612556211974252711".parse::<f64>().unwrap());
     }
 }

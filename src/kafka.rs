@@ -90,8 +90,26 @@ impl KafkaArgs {
     }
 }
 
+/// Client context of the consumer: routes librdkafka's errors to tracing,
+/// leaving out the end-of-partition events the source asks for.
+pub struct SourceContext;
+
+impl rdkafka::ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) => {}
+            error => warn!(%error, reason, "kafka client error"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for SourceContext {}
+
+/// The consumer the source polls.
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
 /// The partition ids of `topic`; an error if the topic does not exist.
-pub fn partitions_of<C: Consumer>(consumer: &C, topic: &str) -> Result<Vec<i32>> {
+pub fn partitions_of<X: rdkafka::consumer::ConsumerContext, C: Consumer<X>>(consumer: &C, topic: &str) -> Result<Vec<i32>> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch metadata", e))?;
     let found = metadata.topics().iter().find(|t| t.name() == topic);
     match found {
@@ -213,7 +231,7 @@ struct Pending {
 /// Polls `consumer` on the calling thread until `stop` is set, the receiver
 /// goes away or (with end offsets) every partition is read to its end.
 pub fn run_source(
-    consumer: &BaseConsumer,
+    consumer: &SourceConsumer,
     options: &SourceOptions,
     positions: &HashMap<i32, i64>,
     tx: &mpsc::Sender<SourceEvent>,
@@ -252,7 +270,7 @@ pub fn run_source(
 type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>);
 
 /// One batch: up to `max_rows` records or `linger` after the first one.
-fn poll_round(consumer: &BaseConsumer, options: &SourceOptions, unfinished: &mut HashMap<i32, i64>) -> Result<Round> {
+fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &mut HashMap<i32, i64>) -> Result<Round> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
     let mut rows = 0;

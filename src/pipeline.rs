@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -19,7 +19,9 @@ use crate::binance::Reject;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use crate::cli::{KafkaArgs, RedisArgs};
 use crate::error::{Error, Result};
-use crate::kafka::{self, DeadLetter, DeadLetters, PartitionBatch, SourceEvent, SourceOptions, REQUEST_TIMEOUT};
+use crate::kafka::{
+    self, DeadLetter, DeadLetters, PartitionBatch, SourceConsumer, SourceContext, SourceEvent, SourceOptions, REQUEST_TIMEOUT,
+};
 use crate::sink::RedisSink;
 use crate::trade::TradeColumns;
 use crate::window::{Counts, FinalBar, WindowConfig};
@@ -119,7 +121,7 @@ async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {
         .map_err(|e| Error::Config(format!("checkpoint open: {e}")))?
 }
 
-fn create_consumer(config: &ConsumerConfig) -> Result<BaseConsumer> {
+fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
     let mut client = config.kafka.config_with(&[("group.id", &config.group_id), ("fetch.wait.max.ms", "50")])?;
     // Not negotiable: offsets come from the checkpoint, and an offset the
     // broker no longer has is an error, never a silent jump.
@@ -128,14 +130,14 @@ fn create_consumer(config: &ConsumerConfig) -> Result<BaseConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error");
-    client.create().map_err(|e| Error::kafka("create consumer", e))
+    client.create_with_context(SourceContext).map_err(|e| Error::kafka("create consumer", e))
 }
 
 type Positions = (HashMap<i32, i64>, HashMap<i32, i64>);
 
 /// Assigns every partition of the topic at its checkpointed offset (or the
 /// beginning). Returns where each starts and where each ended at start.
-fn assign(consumer: &BaseConsumer, config: &ConsumerConfig, checkpoints: &BTreeMap<i32, PartitionCheckpoint>) -> Result<Positions> {
+fn assign(consumer: &SourceConsumer, config: &ConsumerConfig, checkpoints: &BTreeMap<i32, PartitionCheckpoint>) -> Result<Positions> {
     let topic = &config.kafka.topic;
     let mut list = TopicPartitionList::new();
     let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
@@ -164,7 +166,7 @@ fn assign(consumer: &BaseConsumer, config: &ConsumerConfig, checkpoints: &BTreeM
 struct Loop {
     config: ConsumerConfig,
     store: Arc<CheckpointStore>,
-    consumer: Arc<BaseConsumer>,
+    consumer: Arc<SourceConsumer>,
     sink: RedisSink,
     dead_letters: DeadLetters,
     partitions: BTreeMap<i32, PartitionCheckpoint>,

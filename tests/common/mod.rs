@@ -1,0 +1,136 @@
+//! Shared setup of the tests that cross a process boundary: the real broker
+//! and Redis that `scripts/test` starts, a fresh topic, dead-letter topic,
+//! key prefix and state directory per test, so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cryptopulse::cli::{KafkaArgs, RedisArgs};
+use cryptopulse::digest::{self, Digest};
+use cryptopulse::pipeline::{self, ConsumerConfig, Summary};
+use cryptopulse::replay::{self, ReplayOptions, ReplaySummary, Speed};
+use cryptopulse::sink;
+use cryptopulse::window::WindowConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
+pub const EXPECTED: &str = "fixtures/expected-bars-2024-08-08.jsonl";
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test, which starts Kafka and Redis and sets it"))
+}
+
+/// A dead-letter record read back: headers as pairs, and the payload.
+pub type Letter = (Vec<(String, String)>, Vec<u8>);
+
+/// A topic, dead-letter topic and Redis prefix of its own.
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub kafka: KafkaArgs,
+    pub redis: RedisArgs,
+    pub name: String,
+}
+
+impl Lane {
+    pub fn new(test: &str) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let name = format!("t-{test}-{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), nanos % 1_000_000_000);
+        Lane {
+            kafka: KafkaArgs {
+                brokers: env("CRYPTOPULSE_BROKERS"),
+                topic: format!("{name}.raw"),
+                dlq_topic: format!("{name}.dlq"),
+                partitions: 6,
+                properties: Vec::new(),
+                kafka_config_file: None,
+            },
+            redis: RedisArgs {
+                redis_url: env("CRYPTOPULSE_REDIS_URL"),
+                redis_prefix: name.clone(),
+                retention_secs: 24 * 3600,
+                redis_retry_secs: 60,
+            },
+            name,
+        }
+    }
+
+    /// The same topic, under another Redis prefix.
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        let mut lane = self.clone();
+        lane.redis.redis_prefix = format!("{}-{prefix}", self.name);
+        lane
+    }
+
+    pub async fn replay(&self, from_ms: Option<i64>, to_ms: Option<i64>) -> ReplaySummary {
+        let options =
+            ReplayOptions { files: vec![PathBuf::from(ARCHIVE)], speed: Speed::Max, symbols: None, from_ms, to_ms, progress: false };
+        replay::run(&self.kafka, options).await.expect("replay")
+    }
+
+    pub fn consumer_config(&self, state_dir: &std::path::Path) -> ConsumerConfig {
+        ConsumerConfig {
+            kafka: self.kafka.clone(),
+            redis: self.redis.clone(),
+            state_dir: state_dir.to_owned(),
+            window: WindowConfig::default(),
+            group_id: format!("{}-group", self.name),
+            exit_at_end: true,
+            checkpoint_interval: Duration::from_millis(200),
+            checkpoint_records: 5_000,
+            max_batch_rows: 4096,
+            linger: Duration::from_millis(5),
+            idle_finalize: None,
+        }
+    }
+
+    /// Runs the consumer to the end of the topic.
+    pub async fn consume(&self, state_dir: &std::path::Path) -> Summary {
+        pipeline::run(self.consumer_config(state_dir), std::future::pending()).await.expect("consumer")
+    }
+
+    pub async fn digest(&self) -> Digest {
+        let mut conn = sink::connect(&self.redis.redis_url).await.expect("redis");
+        digest::digest(&mut conn, &self.redis.redis_prefix).await.expect("digest")
+    }
+
+    pub async fn redis(&self) -> redis::aio::ConnectionManager {
+        sink::connect(&self.redis.redis_url).await.expect("redis")
+    }
+
+    /// Every record of the dead-letter topic.
+    pub fn dead_letters(&self, expected: usize) -> Vec<Letter> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.kafka.brokers)
+            .set("group.id", format!("{}-dlq-reader", self.name))
+            .create()
+            .expect("consumer");
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.kafka.dlq_topic, 0, Offset::Beginning).expect("partition");
+        consumer.assign(&list).expect("assign");
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < expected && std::time::Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                let headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
+                    })
+                    .unwrap_or_default();
+                out.push((headers, message.payload().unwrap_or_default().to_vec()));
+            }
+        }
+        // Anything beyond what was expected is a failure too.
+        while let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
+            out.push((Vec::new(), message.payload().unwrap_or_default().to_vec()));
+        }
+        out
+    }
+}

@@ -1,0 +1,161 @@
+//! The pipeline end to end through the real broker and Redis: replay the
+//! fixtures, consume them to the end, and read back what Redis holds.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::{Lane, EXPECTED};
+use cryptopulse::cli::KafkaArgs;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::AsyncCommands;
+
+const FIXTURE_TRADES: u64 = 15_863;
+const FIXTURE_BARS: u64 = 663;
+
+fn expected_bars() -> Vec<serde_json::Value> {
+    std::fs::read_to_string(EXPECTED).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn text(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+fn same_number(got: &str, want: &str, what: &str) {
+    let (g, w): (f64, f64) = (got.parse().unwrap(), want.parse().unwrap());
+    assert!(((g - w) / w).abs() < 1e-9 || g == w, "{what}: redis has {got}, expected {want}");
+}
+
+/// Every expected bar is in the stream, the sorted sets and (the newest) the hash.
+async fn assert_redis_matches_expected(lane: &Lane) {
+    let mut conn = lane.redis().await;
+    let prefix = &lane.redis.redis_prefix;
+    let expected = expected_bars();
+    let symbols: Vec<String> = conn.smembers(format!("{prefix}:symbols")).await.unwrap();
+    let mut symbols = symbols;
+    symbols.sort();
+    assert_eq!(symbols, vec!["BTCUSDT", "ETHUSDT"]);
+    let mut newest: BTreeMap<String, &serde_json::Value> = BTreeMap::new();
+    for row in &expected {
+        let (symbol, end) = (row["symbol"].as_str().unwrap(), row["window_end"].as_i64().unwrap());
+        let id = format!("{end}-0");
+        let entries: redis::streams::StreamRangeReply = conn.xrange(format!("{prefix}:bars:{symbol}"), &id, &id).await.unwrap();
+        assert_eq!(entries.ids.len(), 1, "stream entry {symbol} {id}");
+        let fields: HashMap<String, String> =
+            entries.ids[0].map.iter().map(|(k, v)| (k.clone(), redis::from_redis_value(v).unwrap())).collect();
+        for exact in ["close", "volume", "buy_volume", "sell_volume", "trades"] {
+            same_number(&fields[exact], &text(&row[exact]), &format!("{symbol} {end} {exact}"));
+        }
+        for float in ["vwap_1s", "vwap_5s", "rsi_14"] {
+            match row.get(float) {
+                Some(want) => same_number(&fields[float], &text(want), &format!("{symbol} {end} {float}")),
+                None => assert!(!fields.contains_key(float), "{symbol} {end}: {float} must be absent"),
+            }
+        }
+        let closes: Vec<String> = conn.zrangebyscore(format!("{prefix}:ts:{symbol}:close"), end, end).await.unwrap();
+        assert_eq!(closes, vec![format!("{end}:{}", fields["close"])]);
+        newest.insert(symbol.to_owned(), row);
+    }
+    for (symbol, row) in newest {
+        let latest: HashMap<String, String> = conn.hgetall(format!("{prefix}:latest:{symbol}")).await.unwrap();
+        assert_eq!(latest["window_end"], row["window_end"].to_string());
+        same_number(&latest["vwap_5s"], &text(&row["vwap_5s"]), "latest vwap_5s");
+        let count: usize = conn.xlen(format!("{prefix}:bars:{symbol}")).await.unwrap();
+        assert_eq!(count, expected.iter().filter(|r| r["symbol"] == symbol).count());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_fixtures_land_in_redis_exactly_and_a_second_replay_changes_nothing() {
+    let lane = Lane::new("e2e");
+    let state = tempfile::tempdir().unwrap();
+    assert_eq!(lane.replay(None, None).await.trades, FIXTURE_TRADES);
+    let first = lane.consume(state.path()).await;
+    assert_eq!((first.counts.applied, first.counts.bars, first.counts.duplicates), (FIXTURE_TRADES, FIXTURE_BARS, 0));
+    assert_redis_matches_expected(&lane).await;
+    let before = lane.digest().await;
+    // symbols set, and per symbol: latest hash, stream, five sorted sets.
+    assert_eq!(before.keys, 15);
+
+    // The same trades again: the consumer resumes from its checkpoint and
+    // drops every one as a duplicate; Redis stays byte for byte the same.
+    lane.replay(None, None).await;
+    let second = lane.consume(state.path()).await;
+    assert_eq!(second.records, FIXTURE_TRADES);
+    assert_eq!(second.counts.duplicates, FIXTURE_TRADES);
+    let after = lane.digest().await;
+    assert_eq!(after.dump, before.dump);
+    assert_eq!(after.sha256, before.sha256);
+
+    // A consumer without a checkpoint reads both copies in one go: same output.
+    let fresh = lane.with_prefix("fresh");
+    let fresh_state = tempfile::tempdir().unwrap();
+    let run = fresh.consume(fresh_state.path()).await;
+    assert_eq!((run.counts.applied, run.counts.duplicates), (FIXTURE_TRADES, FIXTURE_TRADES));
+    assert_eq!(fresh.digest().await.sha256, before.sha256);
+}
+
+/// Records that must each end in the dead-letter topic with this reason.
+fn malformed() -> Vec<(&'static str, String)> {
+    let good = r#"{"e":"trade","E":1723161300000,"s":"BTCUSDT","t":3735700000,"p":"61800.00000000","q":"0.01000000","T":1723161300000,"m":true,"M":true}"#;
+    vec![
+        ("malformed_json", good[..60].to_string()),
+        ("malformed_json", "this is not json".to_string()),
+        ("bad_price", good.replace(r#""p":"61800.00000000""#, r#""p":"-1.5""#)),
+        ("bad_price", good.replace(r#""p":"61800.00000000""#, r#""p":"NaN""#)),
+        ("bad_qty", good.replace(r#""q":"0.01000000""#, r#""q":"0.00000000""#)),
+        ("missing_field", good.replace(r#""T":1723161300000,"#, "")),
+        ("wrong_event_type", good.replace(r#""e":"trade""#, r#""e":"aggTrade""#)),
+        ("wrong_type", good.replace(r#""t":3735700000"#, r#""t":"3735700000""#)),
+    ]
+}
+
+async fn produce(kafka: &KafkaArgs, key: &str, payloads: &[String]) {
+    let producer: FutureProducer = kafka.producer_config().unwrap().create().unwrap();
+    for payload in payloads {
+        producer.send(FutureRecord::to(&kafka.topic).key(key).payload(payload), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else() {
+    let clean = Lane::new("clean");
+    clean.replay(None, None).await;
+    clean.consume(tempfile::tempdir().unwrap().path()).await;
+
+    let dirty = Lane::new("dirty");
+    let middle = 1_723_161_400_000;
+    dirty.replay(None, Some(middle)).await;
+    let bad = malformed();
+    // Keyed like real trades so they land in the partitions the trades use.
+    produce(&dirty.kafka, "BTCUSDT", &bad.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>()).await;
+    produce(&dirty.kafka, "ETHUSDT", &[bad[1].1.clone()]).await;
+    dirty.replay(Some(middle), None).await;
+    // After everything: a trade with a new id for a second long final (late),
+    // and a copy of a trade already applied (duplicate).
+    let late = r#"{"e":"trade","E":1723161256100,"s":"BTCUSDT","t":3735800000,"p":"61800.00000000","q":"0.01000000","T":1723161256100,"m":false,"M":true}"#;
+    let duplicate = r#"{"e":"trade","E":1723161255343,"s":"BTCUSDT","t":3735683259,"p":"61837.63000000","q":"0.02000000","T":1723161255342,"m":true,"M":true}"#;
+    produce(&dirty.kafka, "BTCUSDT", &[late.to_string(), duplicate.to_string()]).await;
+
+    let summary = dirty.consume(tempfile::tempdir().unwrap().path()).await;
+    assert_eq!(summary.counts.rejected, bad.len() as u64 + 1);
+    assert_eq!((summary.counts.late, summary.counts.duplicates, summary.counts.applied), (1, 1, FIXTURE_TRADES));
+    assert_eq!(dirty.digest().await.dump, clean.digest().await.dump, "good records give the same Redis contents");
+
+    let letters = dirty.dead_letters(bad.len() + 2);
+    let mut want: Vec<(String, String)> = bad.iter().map(|(reason, payload)| (reason.to_string(), payload.clone())).collect();
+    want.push(("malformed_json".into(), bad[1].1.clone()));
+    want.push(("late".into(), late.to_string()));
+    let mut got: Vec<(String, String)> = Vec::new();
+    for (headers, payload) in &letters {
+        let header = |key: &str| headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
+        assert_eq!(header("source.topic"), dirty.kafka.topic);
+        assert!(header("source.offset").parse::<i64>().is_ok() && header("source.partition").parse::<i32>().is_ok(), "{headers:?}");
+        assert!(!header("detail").is_empty());
+        got.push((header("reason"), String::from_utf8(payload.clone()).unwrap()));
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
