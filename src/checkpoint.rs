@@ -98,6 +98,7 @@ impl CheckpointStore {
             let bytes = postcard::to_stdvec(checkpoint).map_err(|_| self.corrupt("state not serializable"))?;
             batch.put_cf(cf, partition.to_be_bytes(), bytes);
         }
+        crate::faults::crash_point("inside_checkpoint");
         self.write(batch)
     }
 

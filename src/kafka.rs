@@ -248,6 +248,7 @@ pub fn run_source(
         if pending.is_empty() && rejected.is_empty() {
             continue;
         }
+        crate::faults::crash_point("after_decode");
         let batches = pending
             .into_iter()
             .map(|(partition, mut p)| {

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod decimal;
 pub mod digest;
 pub mod error;
+pub mod faults;
 pub mod kafka;
 pub mod pipeline;
 pub mod producer;

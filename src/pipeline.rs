@@ -19,6 +19,7 @@ use crate::binance::Reject;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use crate::cli::{KafkaArgs, RedisArgs};
 use crate::error::{Error, Result};
+use crate::faults;
 use crate::kafka::{
     self, DeadLetter, DeadLetters, PartitionBatch, SourceConsumer, SourceContext, SourceEvent, SourceOptions, REQUEST_TIMEOUT,
 };
@@ -215,7 +216,9 @@ impl Loop {
         }
         self.summary.records += rejected.len() as u64;
         self.since_checkpoint += rejected.len() as u64;
+        faults::crash_point("after_state_update");
         self.write(&bars).await?;
+        faults::crash_point("after_redis_write");
         if self.since_checkpoint >= self.config.checkpoint_records {
             self.checkpoint().await?;
         }
