@@ -96,9 +96,8 @@ pub struct SourceContext;
 
 impl rdkafka::ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            KafkaError::PartitionEOF(_) => {}
-            error => warn!(%error, reason, "kafka client error"),
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) && !matches!(error, KafkaError::PartitionEOF(_)) {
+            warn!(%error, reason, "kafka client error");
         }
     }
 }

@@ -66,16 +66,16 @@ async fn main() -> anyhow::Result<()> {
     let summary = pipeline::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;
     println!(
-        "records {} in {:.2}s | applied {} duplicates {} late {} rejected {} | bars {} | dead letters {} | checkpoints {}",
+        "this run: {} records in {:.2}s, {} dead letters, {} checkpoints | totals of the state dir: applied {} duplicates {} late {} rejected {} bars {}",
         summary.records,
         summary.elapsed.as_secs_f64(),
+        summary.dead_letters,
+        summary.checkpoints,
         c.applied,
         c.duplicates,
         c.late,
         c.rejected,
-        c.bars,
-        summary.dead_letters,
-        summary.checkpoints
+        c.bars
     );
     Ok(())
 }
