@@ -118,7 +118,7 @@ async fn on_frame(config: &ProducerConfig, producer: &FutureProducer, text: &str
     });
     let (topic, key, value, headers, timestamp) = match trade {
         Ok(None) => return Ok(()),
-        Ok(Some((symbol, time_ms, bytes))) => (&config.kafka.topic, symbol, bytes, OwnedHeaders::new(), Some(time_ms)),
+        Ok(Some((symbol, time_ms, bytes))) => (&config.kafka.topic, Some(symbol), bytes, OwnedHeaders::new(), Some(time_ms)),
         Err(rejection) => {
             warn!(reason = %rejection.reason, detail = %rejection.detail, "frame sent to the dead-letter topic");
             summary.dead_letters += 1;
@@ -126,10 +126,13 @@ async fn on_frame(config: &ProducerConfig, producer: &FutureProducer, text: &str
                 .insert(Header { key: "reason", value: Some(rejection.reason.as_str()) })
                 .insert(Header { key: "detail", value: Some(&rejection.detail) })
                 .insert(Header { key: "source", value: Some("websocket") });
-            (&config.kafka.dlq_topic, String::new(), text.as_bytes(), headers, None)
+            (&config.kafka.dlq_topic, None, text.as_bytes(), headers, None)
         }
     };
-    let mut record = FutureRecord::to(topic).key(&key).payload(value).headers(headers);
+    let mut record = FutureRecord::<String, [u8]>::to(topic).payload(value).headers(headers);
+    if let Some(key) = &key {
+        record = record.key(key);
+    }
     if let Some(ms) = timestamp {
         record = record.timestamp(ms);
     }

@@ -1,0 +1,385 @@
+//! The Grafana dashboards against the data they show. Every panel query is
+//! sent to the real Redis exactly as the redis-datasource plugin (2.2.0)
+//! sends it, after the fixtures went through the pipeline, and the answer
+//! must have the shape its panel needs. Also static checks of `grafana/` and
+//! the compose file: one data source uid everywhere, the paths Grafana reads
+//! are the ones compose mounts, and no secret in the repository.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::Lane;
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+
+/// The key prefix the dashboards are written for; a test lane has its own.
+const PREFIX: &str = "cryptopulse";
+const DASHBOARDS: &str = "grafana/dashboards";
+const DATASOURCE: &str = "grafana/provisioning/datasources/redis.yaml";
+const DASHBOARD_PROVIDER: &str = "grafana/provisioning/dashboards/dashboards.yaml";
+const COMPOSE: &str = "docker-compose.yml";
+/// The only password value allowed in the repository: the documented default,
+/// and only as the default of an environment variable.
+const DEFAULT_PASSWORD: &str = "cryptopulse123";
+/// A dashboard time range (ms) covering the fixture's trades.
+const FROM_MS: i64 = 1_723_161_255_000;
+const TO_MS: i64 = 1_723_161_602_000;
+/// Commands whose query and answer this test knows how the plugin handles.
+const KNOWN_COMMANDS: [&str; 2] = ["xrange", "hgetall"];
+
+/// One panel query as the plugin runs it, and what the panel reads from it.
+#[derive(Debug, Clone)]
+struct PanelQuery {
+    panel: String,
+    command: String,
+    /// The key as written in the dashboard: default prefix, `$symbol` in it.
+    key: String,
+    /// The fields the panel keeps (filterFieldsByName), each needed as a number.
+    fields: Vec<String>,
+    /// Fields an entry may lack: the plugin fills in 0, which the panel drops.
+    optional: Vec<String>,
+}
+
+fn read(path: impl AsRef<Path>) -> String {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn dashboards() -> Vec<(PathBuf, Value)> {
+    let mut out: Vec<(PathBuf, Value)> = std::fs::read_dir(DASHBOARDS)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| {
+            let json = serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, json)
+        })
+        .collect();
+    assert!(!out.is_empty(), "no dashboard in {DASHBOARDS}");
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The values of `key: value` lines of a small YAML file.
+fn yaml_values<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|line| {
+            let (k, v) = line.trim().trim_start_matches("- ").split_once(':')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"'))
+        })
+        .collect()
+}
+
+fn provisioned_uid() -> String {
+    let text = read(DATASOURCE);
+    assert_eq!(yaml_values(&text, "type"), ["redis-datasource"]);
+    assert_eq!(yaml_values(&text, "url"), ["redis://redis:6379"]);
+    let uids = yaml_values(&text, "uid");
+    assert_eq!(uids.len(), 1, "one provisioned data source with one uid: {uids:?}");
+    uids[0].to_owned()
+}
+
+/// Every panel, the panels of collapsed rows included.
+fn panels(list: &Value) -> Vec<&Value> {
+    list.as_array().into_iter().flatten().flat_map(|panel| std::iter::once(panel).chain(panels(&panel["panels"]))).collect()
+}
+
+fn targets(panel: &Value) -> &[Value] {
+    panel["targets"].as_array().map_or(&[], Vec::as_slice)
+}
+
+fn title(panel: &Value) -> String {
+    panel["title"].as_str().unwrap_or("(untitled)").to_owned()
+}
+
+/// The options of the panel's enabled transformations with this id.
+fn transformations<'a>(panel: &'a Value, id: &'a str) -> impl Iterator<Item = &'a Value> {
+    panel["transformations"].as_array().into_iter().flatten().filter(move |t| t["id"] == id && t["disabled"] != true).map(|t| &t["options"])
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect()
+}
+
+/// Panels, targets and variables that do not use the provisioned data source.
+fn datasource_problems(dashboard: &Value, uid: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut check = |what: String, datasource: &Value| {
+        if datasource["uid"] != uid {
+            problems.push(format!("{what}: data source {datasource} is not uid {uid}"));
+        }
+    };
+    for panel in panels(&dashboard["panels"]).into_iter().filter(|p| !targets(p).is_empty()) {
+        check(format!("panel {:?}", title(panel)), &panel["datasource"]);
+        for target in targets(panel) {
+            check(format!("panel {:?} target {}", title(panel), target["refId"]), &target["datasource"]);
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().into_iter().flatten().filter(|v| v["type"] == "query") {
+        check(format!("variable {}", variable["name"]), &variable["datasource"]);
+    }
+    problems
+}
+
+/// The queries of every panel, and in `problems` whatever the test cannot
+/// reproduce or the panel would not draw as numbers.
+fn panel_queries(dashboard: &Value, problems: &mut Vec<String>) -> Vec<PanelQuery> {
+    let mut out = Vec::new();
+    for panel in panels(&dashboard["panels"]).into_iter().filter(|p| !targets(p).is_empty()) {
+        let name = title(panel);
+        let kept: Vec<String> = transformations(panel, "filterFieldsByName").flat_map(|o| strings(&o["include"]["names"])).collect();
+        // `$time` and `$streamId` are what the plugin makes of a stream entry's id.
+        let fields: Vec<String> = kept.iter().filter(|f| !f.starts_with('$')).cloned().collect();
+        if fields.is_empty() {
+            problems.push(format!("{name}: no filterFieldsByName with the fields it draws"));
+        }
+        let numeric: BTreeSet<String> = transformations(panel, "convertFieldType")
+            .flat_map(|o| o["conversions"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["destinationType"] == "number")
+            .filter_map(|c| c["targetField"].as_str().map(str::to_owned))
+            .collect();
+        for field in fields.iter().filter(|f| !numeric.contains(*f)) {
+            problems.push(format!("{name}: {field} is not converted to a number"));
+        }
+        let optional: Vec<String> = transformations(panel, "filterByValue")
+            .filter(|o| o["type"] == "exclude")
+            .flat_map(|o| o["filters"].as_array().cloned().unwrap_or_default())
+            .filter(|f| f["config"]["id"] == "equal" && f["config"]["options"]["value"] == 0)
+            .filter_map(|f| f["fieldName"].as_str().map(str::to_owned))
+            .collect();
+        for target in targets(panel) {
+            let command = target["command"].as_str().unwrap_or_default().to_owned();
+            let key = target["keyName"].as_str().unwrap_or_default().to_owned();
+            let at = format!("{name} target {}", target["refId"]);
+            if target["type"] != "command" {
+                problems.push(format!("{at}: type {} is not \"command\"", target["type"]));
+            }
+            // The plugin runs a non-empty `query` as a raw command and ignores `command`.
+            if target["query"].as_str().is_some_and(|q| !q.is_empty()) {
+                problems.push(format!("{at}: has a raw query {}", target["query"]));
+            }
+            if !KNOWN_COMMANDS.contains(&command.as_str()) {
+                problems.push(format!("{at}: command {command:?}: this test does not know how the plugin runs it"));
+            }
+            if command == "xrange" && !(kept.iter().any(|f| f == "$time") && target["start"].as_str().unwrap_or("").is_empty()) {
+                problems.push(format!("{at}: a time series needs $time and the dashboard's time range (empty start/end)"));
+            }
+            if !key.starts_with(&format!("{PREFIX}:")) || !key.contains("$symbol") {
+                problems.push(format!("{at}: key {key:?} is not a {PREFIX}: key of $symbol"));
+            }
+            out.push(PanelQuery { panel: name.clone(), command, key, fields: fields.clone(), optional: optional.clone() });
+        }
+    }
+    out
+}
+
+/// The `symbol` variable: its query and its default value.
+fn symbol_variable(dashboard: &Value) -> (String, String) {
+    let list = dashboard["templating"]["list"].as_array().expect("templating");
+    let variable = list.iter().find(|v| v["name"] == "symbol").expect("a `symbol` variable");
+    let query = variable["query"].as_str().or_else(|| variable["query"]["query"].as_str()).expect("a query");
+    (query.to_owned(), variable["current"]["value"].as_str().unwrap_or_default().to_owned())
+}
+
+/// A dashboard key for this prefix and symbol.
+fn resolve(key: &str, prefix: &str, symbol: &str) -> String {
+    let rest = key.strip_prefix(PREFIX).unwrap_or(key);
+    format!("{prefix}{}", rest.replace("${symbol}", symbol).replace("$symbol", symbol))
+}
+
+/// A variable query as the plugin runs it: command, key, further arguments.
+async fn run_variable(conn: &mut ConnectionManager, query: &str, prefix: &str) -> Vec<String> {
+    let words: Vec<&str> = query.split_whitespace().collect();
+    let (command, key, rest) = match words.as_slice() {
+        [command, key, rest @ ..] => (command, resolve(key, prefix, ""), rest),
+        _ => panic!("variable query {query:?} is not COMMAND KEY ..."),
+    };
+    redis::cmd(command).arg(key).arg(rest).query_async(conn).await.unwrap_or_else(|e| panic!("{query}: {e}"))
+}
+
+fn is_number(text: &str) -> bool {
+    text.parse::<f64>().is_ok_and(f64::is_finite)
+}
+
+fn lookup<'a>(flat: &'a [String], field: &str) -> Option<&'a str> {
+    flat.chunks_exact(2).find(|pair| pair[0] == field).map(|pair| pair[1].as_str())
+}
+
+/// What the panel finds in the answer to its query, for one symbol.
+async fn shape_problems(conn: &mut ConnectionManager, query: &PanelQuery, prefix: &str, symbol: &str) -> Vec<String> {
+    let key = resolve(&query.key, prefix, symbol);
+    let at = format!("{} [{} {key}]", query.panel, query.command);
+    match query.command.as_str() {
+        // Empty start and end: the plugin sends the dashboard's range as `<from>-0 <to>-0`.
+        "xrange" => {
+            let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("{FROM_MS}-0"))
+                .arg(format!("{TO_MS}-0"))
+                .query_async(conn)
+                .await
+                .unwrap_or_else(|e| panic!("{at}: {e}"));
+            stream_problems(&at, query, &entries)
+        }
+        "hgetall" => {
+            let flat: Vec<String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await.unwrap_or_else(|e| panic!("{at}: {e}"));
+            let entries = if flat.is_empty() { Vec::new() } else { vec![("hash".to_owned(), flat)] };
+            stream_problems(&at, query, &entries)
+        }
+        other => vec![format!("{at}: unknown command {other}")],
+    }
+}
+
+/// Entries (id, flat field/value list): each id a time within the range, each
+/// field the panel uses a number; a hash is one entry without a time.
+fn stream_problems(at: &str, query: &PanelQuery, entries: &[(String, Vec<String>)]) -> Vec<String> {
+    if entries.is_empty() {
+        return vec![format!("{at}: empty answer")];
+    }
+    let mut problems = Vec::new();
+    if query.command == "xrange" {
+        // The plugin takes an entry's time from the ms part of its id.
+        let in_range =
+            |id: &String| id.split_once('-').and_then(|(ms, _)| ms.parse::<i64>().ok()).is_some_and(|ms| (FROM_MS..=TO_MS).contains(&ms));
+        if let Some(id) = entries.iter().map(|(id, _)| id).find(|id| !in_range(id)) {
+            problems.push(format!("{at}: entry id {id} is not <ms>-<seq> within {FROM_MS}..{TO_MS}"));
+        }
+    }
+    for field in &query.fields {
+        let values: Vec<Option<&str>> = entries.iter().map(|(_, flat)| lookup(flat, field)).collect();
+        let missing = values.iter().filter(|v| v.is_none()).count();
+        if missing == entries.len() {
+            problems.push(format!("{at}: no entry has {field}"));
+        } else if missing > 0 && !query.optional.contains(field) {
+            problems.push(format!("{at}: {missing} of {} entries lack {field}", entries.len()));
+        }
+        let bad: Vec<&str> = values.iter().flatten().copied().filter(|v| !is_number(v)).collect();
+        if let Some(value) = bad.first() {
+            problems.push(format!("{at}: {field} = {value:?} is not a number ({} entries)", bad.len()));
+        }
+    }
+    problems
+}
+
+/// Lines that give a password or a secret a value other than an environment
+/// variable (whose default may be the documented one). Comments are skipped.
+fn secret_values(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| {
+            let lower = line.to_ascii_lowercase();
+            let at = ["password", "secret"].iter().filter_map(|word| lower.find(word)).min()?;
+            let rest = &line[at..];
+            let value = rest[rest.find([':', '='])? + 1..].trim().trim_end_matches(',').trim().trim_matches(['"', '\'']);
+            (!is_allowed_secret(value)).then(|| line.trim().to_owned())
+        })
+        .collect()
+}
+
+fn is_allowed_secret(value: &str) -> bool {
+    let env_name = |name: &str| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if value.is_empty() {
+        return true;
+    }
+    let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else { return false };
+    match inner.split_once(":-").or_else(|| inner.split_once('-')) {
+        Some((name, default)) => env_name(name) && default == DEFAULT_PASSWORD,
+        None => env_name(inner),
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[test]
+fn every_panel_uses_the_provisioned_data_source_and_queries_this_test_can_replay() {
+    let uid = provisioned_uid();
+    for (path, dashboard) in dashboards() {
+        let mut problems = datasource_problems(&dashboard, &uid);
+        let queries = panel_queries(&dashboard, &mut problems);
+        assert!(problems.is_empty(), "{}:\n{}", path.display(), problems.join("\n"));
+        assert!(!queries.is_empty(), "{}: no panel queries", path.display());
+        let (query, default) = symbol_variable(&dashboard);
+        assert_eq!(query.to_ascii_uppercase().split_whitespace().next(), Some("SMEMBERS"), "{query}");
+        assert_eq!(query.split_whitespace().nth(1), Some(format!("{PREFIX}:symbols").as_str()));
+        assert_eq!(default, "BTCUSDT");
+    }
+    let live = dashboards().into_iter().map(|(_, d)| d).find(|d| d["title"] == "CryptoPulse Live").expect("CryptoPulse Live");
+    assert_eq!(live["uid"], "cryptopulse-live");
+
+    // The checks fail on a panel of another data source or a raw query.
+    let mut broken = live;
+    broken["panels"][0]["targets"][0]["datasource"]["uid"] = "elsewhere".into();
+    broken["panels"][0]["targets"][0]["query"] = "KEYS *".into();
+    let mut problems = datasource_problems(&broken, &uid);
+    panel_queries(&broken, &mut problems);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
+#[test]
+fn grafana_reads_what_compose_mounts_and_no_secret_is_in_the_repository() {
+    let compose = read(COMPOSE);
+    let mount = |source: &str| {
+        compose
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(&format!("- {source}:")).map(|target| target.trim_end_matches(":ro").to_owned()))
+            .unwrap_or_else(|| panic!("{COMPOSE} does not mount {source}"))
+    };
+    assert_eq!(yaml_values(&read(DASHBOARD_PROVIDER), "path"), [mount("./grafana/dashboards").as_str()]);
+    assert_eq!(mount("./grafana/provisioning"), "/etc/grafana/provisioning");
+
+    let mut files = files_under(Path::new("grafana"));
+    files.extend([COMPOSE, "Dockerfile", ".dockerignore"].map(PathBuf::from));
+    for file in files {
+        let found = secret_values(&read(&file));
+        assert!(found.is_empty(), "{}: secret values in the repository:\n{}", file.display(), found.join("\n"));
+    }
+
+    let planted = "GF_SECURITY_ADMIN_PASSWORD: hunter2\n\"secureJsonData\": {\"password\": \"s3cret\"},\n\
+                   GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:-cryptopulse123}\nCLIENT_SECRET=${OTHER:-letmein}\n# password: a comment";
+    assert_eq!(secret_values(planted).len(), 3, "{:?}", secret_values(planted));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
+    let lane = Lane::new("dash");
+    let state = tempfile::tempdir().unwrap();
+    assert!(lane.replay(None, None).await.trades > 0);
+    assert!(lane.consume(state.path()).await.counts.bars > 0);
+    let mut conn = lane.redis().await;
+    let prefix = &lane.redis.redis_prefix;
+
+    for (path, dashboard) in dashboards() {
+        let mut problems = Vec::new();
+        let queries = panel_queries(&dashboard, &mut problems);
+        let (variable, default) = symbol_variable(&dashboard);
+        let symbols = run_variable(&mut conn, &variable, prefix).await;
+        assert!(symbols.contains(&default), "{variable} gives {symbols:?}, without the default {default}");
+        for symbol in &symbols {
+            for query in &queries {
+                problems.extend(shape_problems(&mut conn, query, prefix, symbol).await);
+            }
+        }
+        assert!(problems.is_empty(), "{}:\n{}", path.display(), problems.join("\n"));
+
+        // The check fails on a panel that reads a field Redis does not have.
+        for query in &queries {
+            let mut broken = query.clone();
+            broken.fields.push("vwap_5m".to_owned());
+            let found = shape_problems(&mut conn, &broken, prefix, &default).await;
+            assert_eq!(found.len(), 1, "{found:?}");
+        }
+    }
+}
