@@ -1,0 +1,133 @@
+//! The consumer's answers to a broken world: a checkpoint the broker cannot
+//! serve, a second consumer on the same state, and Redis that stops
+//! answering for a while (a private redis-server, paused with SIGSTOP).
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::Lane;
+use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use cryptopulse::pipeline;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_the_broker_cannot_serve_is_a_clear_error() {
+    let lane = Lane::new("range");
+    lane.replay(None, None).await;
+    let state = tempfile::tempdir().unwrap();
+    {
+        let store = CheckpointStore::open(state.path(), &lane.kafka.topic).unwrap();
+        store.save([(2, &PartitionCheckpoint { next_offset: 1_000_000, ..Default::default() })]).unwrap();
+    }
+    let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
+    assert!(err.contains("checkpointed offset 1000000") && err.contains("is not on the broker"), "{err}");
+    // Nothing was written.
+    assert_eq!(lane.digest().await.keys, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_consumer_on_the_same_state_dir_is_refused() {
+    let lane = Lane::new("owner");
+    lane.replay(None, None).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut first = lane.consumer_config(state.path());
+    first.exit_at_end = false;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(pipeline::run(first, async move {
+        let _ = stopped.await;
+    }));
+    // Wait until the first consumer holds the store (it has written bars).
+    wait_for(|| async { lane.digest().await.keys > 0 }).await;
+    let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
+    assert!(err.contains("in use by another consumer"), "{err}");
+    let _ = stop.send(());
+    let summary = running.await.unwrap().unwrap();
+    assert_eq!(summary.counts.applied, 15_863);
+}
+
+async fn wait_for<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..300 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("condition not met within 30 s");
+}
+
+/// A redis-server of this test's own, on a free loopback port.
+struct PrivateRedis {
+    child: Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services)");
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if redis::Client::open(url.as_str()).unwrap().get_connection().is_ok() {
+                return PrivateRedis { child, url };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on {port} did not start");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
+    let reference = Lane::new("calm");
+    reference.replay(None, None).await;
+    reference.consume(tempfile::tempdir().unwrap().path()).await;
+    let want = reference.digest().await;
+
+    let redis = PrivateRedis::start();
+    let mut lane = Lane::new("paused");
+    lane.redis.redis_url = redis.url.clone();
+    lane.kafka.ensure_topics().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = lane.consumer_config(state.path());
+    config.exit_at_end = false;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(pipeline::run(config, async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Redis stops answering while the trades arrive: writes time out and
+    // are retried with backoff, and nothing is checkpointed past them.
+    redis.signal("-STOP");
+    lane.replay(None, None).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(!consumer.is_finished(), "the consumer must wait for Redis, not stop");
+    redis.signal("-CONT");
+    wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
+    let _ = stop.send(());
+    let summary = consumer.await.unwrap().expect("consumer recovers once Redis answers");
+    assert_eq!(summary.counts.applied, 15_863);
+    assert_eq!(lane.digest().await.dump, want.dump);
+}
