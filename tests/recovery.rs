@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::Lane;
+use common::{wait_for, Lane};
 use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use cryptopulse::pipeline;
 
@@ -45,20 +45,6 @@ async fn a_second_consumer_on_the_same_state_dir_is_refused() {
     let _ = stop.send(());
     let summary = running.await.unwrap().unwrap();
     assert_eq!(summary.counts.applied, 15_863);
-}
-
-async fn wait_for<F, Fut>(mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..300 {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("condition not met within 30 s");
 }
 
 /// A redis-server of this test's own, on a free loopback port.

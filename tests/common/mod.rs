@@ -134,3 +134,18 @@ impl Lane {
         out
     }
 }
+
+/// Polls `condition` every 100 ms for up to 60 s.
+pub async fn wait_for<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("condition not met within 60 s");
+}

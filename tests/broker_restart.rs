@@ -1,0 +1,56 @@
+//! The local Kafka broker killed with SIGKILL and restarted while trades
+//! stream through: producer and consumer ride it out and Redis ends as in an
+//! undisturbed run. Its own test binary, so no other test runs while the
+//! broker is down; it needs the broker of `scripts/services`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{wait_for, Lane, ARCHIVE};
+use cryptopulse::pipeline;
+use cryptopulse::replay::{self, ReplayOptions, Speed};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_mid_run_ends_identical() {
+    let reference = Lane::new("steady");
+    reference.replay(None, None).await;
+    reference.consume(tempfile::tempdir().unwrap().path()).await;
+    let want = reference.digest().await;
+
+    let lane = Lane::new("restart");
+    lane.kafka.ensure_topics().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = lane.consumer_config(state.path());
+    config.exit_at_end = false;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(pipeline::run(config, async move {
+        let _ = stopped.await;
+    }));
+    // 346 s of trades at 15x: the broker dies a few seconds in.
+    let options = ReplayOptions {
+        files: vec![PathBuf::from(ARCHIVE)],
+        speed: Speed::Factor(15.0),
+        symbols: None,
+        from_ms: None,
+        to_ms: None,
+        progress: false,
+    };
+    let kafka = lane.kafka.clone();
+    let replaying = tokio::spawn(async move { replay::run(&kafka, options).await });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let restart = tokio::task::spawn_blocking(|| std::process::Command::new("scripts/services").args(["kafka-restart", "--kill"]).status())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(restart.success(), "scripts/services kafka-restart --kill failed");
+    assert!(!consumer.is_finished(), "the consumer must ride out the restart");
+
+    assert_eq!(replaying.await.unwrap().expect("replay survives the restart").trades, 15_863);
+    wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
+    let _ = stop.send(());
+    let summary = consumer.await.unwrap().expect("consumer");
+    assert_eq!((summary.counts.applied, summary.counts.duplicates), (15_863, 0));
+    assert_eq!(lane.digest().await.dump, want.dump);
+}
