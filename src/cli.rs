@@ -13,6 +13,7 @@ pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_TOPIC: &str = "trades.raw";
 pub const DEFAULT_DLQ_TOPIC: &str = "trades.dlq";
 pub const DEFAULT_PARTITIONS: i32 = 6;
+pub const DEFAULT_TOPIC_RETENTION_BYTES: i64 = 1 << 30;
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_REDIS_PREFIX: &str = "cryptopulse";
 pub const DEFAULT_RETENTION_SECS: u64 = 24 * 60 * 60;
@@ -33,6 +34,11 @@ pub struct KafkaArgs {
     /// Partitions of the raw topic when this program creates it.
     #[arg(long, env = "CRYPTOPULSE_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
     pub partitions: i32,
+    /// Bytes kept per partition of the topics this program creates. Their
+    /// time retention is off: record timestamps are trade times, and a
+    /// replay of old trades would be deleted minutes after it was written.
+    #[arg(long, env = "CRYPTOPULSE_TOPIC_RETENTION_BYTES", default_value_t = DEFAULT_TOPIC_RETENTION_BYTES)]
+    pub topic_retention_bytes: i64,
     /// Any librdkafka property, as kcat takes it: `-X key=value`, repeatable.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value, env = "CRYPTOPULSE_KAFKA_PROPERTIES", value_delimiter = ';')]
     pub properties: Vec<(String, String)>,

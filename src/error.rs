@@ -52,6 +52,10 @@ pub enum Error {
     /// A payload that is not a valid trade; keeps the payload itself.
     #[error("cannot decode trade ({reason}: {detail}): {}", String::from_utf8_lossy(payload))]
     Decode { reason: Reject, detail: String, payload: Vec<u8> },
+    /// Redis no longer holds what this consumer wrote (restarted empty or
+    /// flushed): its marker key is gone.
+    #[error("redis lost the data under prefix {prefix:?} (its marker key is gone: restarted empty or flushed)")]
+    RedisDataLost { prefix: String },
     /// The configuration given cannot work.
     #[error("configuration: {0}")]
     Config(String),

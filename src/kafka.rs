@@ -74,10 +74,10 @@ impl KafkaArgs {
     /// partition) unless they exist, with the broker's replication factor.
     pub async fn ensure_topics(&self) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
-        let topics = [
-            NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(-1)),
-            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(-1)),
-        ];
+        let bytes = self.topic_retention_bytes.to_string();
+        let topics = [(&self.topic, self.partitions), (&self.dlq_topic, 1)].map(|(name, partitions)| {
+            NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
+        });
         let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))?;
         for result in results {

@@ -25,6 +25,7 @@ pub mod archive;
 pub mod binance;
 pub mod checkpoint;
 pub mod cli;
+pub mod crashtest;
 pub mod decimal;
 pub mod digest;
 pub mod error;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::binance::Reject;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
@@ -56,18 +56,45 @@ pub struct Summary {
     pub dead_letters: u64,
     pub checkpoints: u64,
     pub elapsed: Duration,
+    /// Times the state was rewound because Redis lost the data.
+    pub rebuilds: u32,
 }
 
+/// How often Redis may lose its data in one run before the consumer gives up.
+const MAX_REBUILDS: u32 = 3;
+
 /// Runs the consumer until `shutdown` resolves or, with `exit_at_end`, the
-/// partitions are read to their end; always ends with a checkpoint.
+/// partitions are read to their end; always ends with a checkpoint. When
+/// Redis lost the data (restarted empty, flushed), the state is rewound to
+/// the start of the topic and everything is written again.
 pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     config.window.validate()?;
     let started = Instant::now();
+    tokio::pin!(shutdown);
+    let mut rebuilds = 0;
+    loop {
+        match run_once(config.clone(), shutdown.as_mut()).await {
+            Err(Error::RedisDataLost { prefix }) if rebuilds < MAX_REBUILDS => {
+                error!(%prefix, "redis lost the consumer's data (restarted empty or flushed): rewinding to the start of the topic to write it again");
+                rewind(&config).await?;
+                rebuilds += 1;
+            }
+            Ok(mut summary) => {
+                summary.elapsed = started.elapsed();
+                summary.rebuilds = rebuilds;
+                return Ok(summary);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     let store = Arc::new(open_store(&config).await?);
     let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
     let consumer = Arc::new(create_consumer(&config)?);
     let (positions, end_offsets) = assign(&consumer, &config, &partitions)?;
-    let sink = RedisSink::connect(
+    let mut sink = RedisSink::connect(
         &config.redis.redis_url,
         &config.redis.redis_prefix,
         config.window.names(),
@@ -75,6 +102,7 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
         config.redis.retry_for(),
     )
     .await?;
+    sink.check_marker(partitions.values().any(|p| p.state.counts.bars > 0)).await?;
     let dead_letters = DeadLetters::new(&config.kafka)?;
 
     let (tx, rx) = mpsc::channel(2);
@@ -99,6 +127,7 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
         dirty: BTreeSet::new(),
         since_checkpoint: 0,
         last_checkpoint: Instant::now(),
+        last_commit: None,
         summary: Summary::default(),
     };
     let result = consumer_loop.run(rx, shutdown).await;
@@ -111,8 +140,27 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
         total.add(&p.state.counts);
         total
     });
-    summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Forgets all window state and sets every partition back to the oldest
+/// offset the broker still has. Records already gone from the topic cannot
+/// be written again: that is logged as an error.
+async fn rewind(config: &ConsumerConfig) -> Result<()> {
+    let store = open_store(config).await?;
+    let consumer = create_consumer(config)?;
+    let topic = &config.kafka.topic;
+    let mut fresh = Vec::new();
+    for partition in kafka::partitions_of(&consumer, topic)? {
+        let (low, _) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
+        if low > 0 {
+            error!(%topic, partition, log_start = low, "records before the log start are gone from Kafka: the bars they made cannot be written again");
+        }
+        fresh.push((partition, PartitionCheckpoint { next_offset: low, ..Default::default() }));
+    }
+    tokio::task::spawn_blocking(move || store.save(fresh.iter().map(|(p, c)| (*p, c))))
+        .await
+        .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))?
 }
 
 async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {
@@ -175,6 +223,7 @@ struct Loop {
     dirty: BTreeSet<i32>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    last_commit: Option<Instant>,
     summary: Summary,
 }
 
@@ -266,13 +315,19 @@ impl Loop {
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.summary.checkpoints += 1;
-        self.commit_for_monitoring(&changed);
+        self.commit_for_monitoring(false);
         Ok(())
     }
 
-    fn commit_for_monitoring(&self, changed: &[(i32, PartitionCheckpoint)]) {
+    /// At most once a second (and at shutdown): each commit is a request
+    /// librdkafka finishes before the consumer can close.
+    fn commit_for_monitoring(&mut self, last: bool) {
+        if !last && self.last_commit.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_commit = Some(Instant::now());
         let mut list = TopicPartitionList::new();
-        for (partition, checkpoint) in changed {
+        for (partition, checkpoint) in &self.partitions {
             let _ = list.add_partition_offset(&self.config.kafka.topic, *partition, Offset::Offset(checkpoint.next_offset));
         }
         if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
@@ -282,6 +337,7 @@ impl Loop {
 
     async fn shutdown(&mut self) -> Result<()> {
         self.checkpoint().await?;
+        self.commit_for_monitoring(true);
         self.summary.dead_letters = self.dead_letters.sent();
         info!(
             records = self.summary.records,

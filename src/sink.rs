@@ -16,10 +16,17 @@ use crate::window::{FinalBar, MetricNames};
 /// the stream entry `E-0` and one sorted-set member per metric; then
 /// trimming by event time relative to the newest bar of the symbol.
 ///
-/// KEYS: symbols, latest, stream, then one sorted set per metric.
+/// Nothing is written, and -1 returned, when the marker is gone: Redis lost
+/// the data, and writing newer bars into the gap would block the rebuild
+/// (a stream only takes entries newer than its last).
+///
+/// KEYS: symbols, latest, stream, marker, then one sorted set per metric.
 /// ARGV: symbol, window_end, retention_ms, n, n field names, n values ('' =
 /// absent), then per sorted set the 1-based index of its field.
 const WRITE_BAR: &str = r#"
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return -1
+end
 local e = tonumber(ARGV[2])
 local n = tonumber(ARGV[4])
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -47,8 +54,8 @@ if #top == 0 or tonumber(string.match(top[1][1], '^(%d+)')) < e then
   redis.call('XADD', KEYS[3], ARGV[2] .. '-0', unpack(fields))
 end
 redis.call('XTRIM', KEYS[3], 'MINID', cutoff_text)
-for k = 4, #KEYS do
-  local value = ARGV[4 + n + tonumber(ARGV[4 + 2 * n + k - 3])]
+for k = 5, #KEYS do
+  local value = ARGV[4 + n + tonumber(ARGV[4 + 2 * n + k - 4])]
   redis.call('ZREMRANGEBYSCORE', KEYS[k], e, e)
   if value ~= '' then
     redis.call('ZADD', KEYS[k], e, ARGV[2] .. ':' .. value)
@@ -87,7 +94,14 @@ impl Keys {
     pub fn bars(&self, symbol: &str) -> String {
         format!("{}:bars:{symbol}", self.prefix)
     }
+    /// Kept next to the data: if it is gone, so is the data.
+    pub fn marker(&self) -> String {
+        format!("{}:marker", self.prefix)
+    }
 }
+
+/// The marker's value: the version of the Redis layout.
+pub const MARKER_VALUE: &str = "cryptopulse-v1";
 
 /// Opens a connection manager that reconnects by itself and gives up on a
 /// single request after a while, so a paused Redis surfaces as an error.
@@ -104,6 +118,25 @@ impl RedisSink {
     pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
         let conn = connect(url).await?;
         Ok(RedisSink { conn, script: Script::new(WRITE_BAR), keys: Keys { prefix: prefix.to_owned() }, names, retention_ms, retry_for })
+    }
+
+    /// Checks that Redis still holds this consumer's data. `has_written`:
+    /// the checkpoint says bars were written before. Sets the marker on a
+    /// first start; without it after bars were written the data is lost.
+    pub async fn check_marker(&mut self, has_written: bool) -> Result<()> {
+        let marker = self.keys.marker();
+        let present: bool =
+            redis::cmd("EXISTS").arg(&marker).query_async(&mut self.conn).await.map_err(|e| Error::redis("check marker", e))?;
+        match (present, has_written) {
+            (true, _) => Ok(()),
+            (false, true) => Err(Error::RedisDataLost { prefix: self.keys.prefix.clone() }),
+            (false, false) => redis::cmd("SET")
+                .arg(&marker)
+                .arg(MARKER_VALUE)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(|e| Error::redis("set marker", e)),
+        }
     }
 
     /// Writes bars, retrying with backoff while Redis is unreachable, up to
@@ -127,26 +160,31 @@ impl RedisSink {
         }
     }
 
+    /// One pipeline of one script call per bar.
     async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
         let mut pipe = redis::pipe();
         for bar in bars {
-            pipe.invoke_script(&self.invocation(bar)).ignore();
+            pipe.invoke_script(&self.invocation(bar));
         }
-        match pipe.query_async::<()>(&mut self.conn).await {
+        let replies: Vec<i64> = match pipe.query_async(&mut self.conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 // Redis restarted or flushed its scripts: load and go again.
                 self.script.prepare_invoke().load_async(&mut self.conn).await.map_err(|e| Error::redis("load script", e))?;
-                pipe.query_async::<()>(&mut self.conn).await.map_err(|e| Error::redis("write bars", e))
+                pipe.query_async(&mut self.conn).await.map_err(|e| Error::redis("write bars", e))?
             }
-            other => other.map_err(|e| Error::redis("write bars", e)),
+            other => other.map_err(|e| Error::redis("write bars", e))?,
+        };
+        if replies.contains(&-1) {
+            return Err(Error::RedisDataLost { prefix: self.keys.prefix.clone() });
         }
+        Ok(())
     }
 
     fn invocation(&self, bar: &FinalBar) -> redis::ScriptInvocation<'_> {
         let fields = fields_of(bar, &self.names);
         let series = [0usize, 1, 5, 6, 7];
         let mut invocation = self.script.prepare_invoke();
-        invocation.key(self.keys.symbols()).key(self.keys.latest(&bar.symbol)).key(self.keys.bars(&bar.symbol));
+        invocation.key(self.keys.symbols()).key(self.keys.latest(&bar.symbol)).key(self.keys.bars(&bar.symbol)).key(self.keys.marker());
         for &i in &series {
             invocation.key(self.keys.series(&bar.symbol, &fields[i].0));
         }

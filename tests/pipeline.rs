@@ -75,8 +75,8 @@ async fn replayed_fixtures_land_in_redis_exactly_and_a_second_replay_changes_not
     assert_eq!((first.counts.applied, first.counts.bars, first.counts.duplicates), (FIXTURE_TRADES, FIXTURE_BARS, 0));
     assert_redis_matches_expected(&lane).await;
     let before = lane.digest().await;
-    // symbols set, and per symbol: latest hash, stream, five sorted sets.
-    assert_eq!(before.keys, 15);
+    // marker, symbols set, and per symbol: latest hash, stream, five sorted sets.
+    assert_eq!(before.keys, 16);
 
     // The same trades again: the consumer resumes from its checkpoint and
     // drops every one as a duplicate; Redis stays byte for byte the same.

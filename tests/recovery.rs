@@ -42,6 +42,16 @@ async fn a_second_consumer_on_the_same_state_dir_is_refused() {
     wait_for(|| async { lane.digest().await.keys > 0 }).await;
     let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("in use by another consumer"), "{err}");
+    // The first one goes on undisturbed to the last bar.
+    let conn = lane.redis().await;
+    let latest = format!("{}:latest:BTCUSDT", lane.redis.redis_prefix);
+    wait_for(|| {
+        let (mut conn, latest) = (conn.clone(), latest.clone());
+        async move {
+            redis::AsyncCommands::hget::<_, _, Option<i64>>(&mut conn, latest, "window_end").await.ok().flatten() == Some(1_723_161_601_000)
+        }
+    })
+    .await;
     let _ = stop.send(());
     let summary = running.await.unwrap().unwrap();
     assert_eq!(summary.counts.applied, 15_863);
@@ -55,7 +65,12 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> Self {
+        // The listener is dropped at the end of this statement, freeing the port.
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Self {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
@@ -71,6 +86,10 @@ impl PrivateRedis {
         let _ = child.kill();
         let _ = child.wait();
         panic!("redis-server on {port} did not start");
+    }
+
+    fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
 
     fn signal(&self, signal: &str) {
@@ -116,6 +135,39 @@ async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
     let _ = stop.send(());
     let summary = consumer.await.unwrap().expect("consumer recovers once Redis answers");
+    assert_eq!(summary.counts.applied, 15_863);
+    assert_eq!(lane.digest().await.dump, want.dump);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
+    let reference = Lane::new("whole");
+    reference.replay(None, None).await;
+    reference.consume(tempfile::tempdir().unwrap().path()).await;
+    let want = reference.digest().await;
+
+    let redis = PrivateRedis::start();
+    let port = redis.port();
+    let mut lane = Lane::new("amnesia");
+    lane.redis.redis_url = redis.url.clone();
+    let middle = 1_723_161_400_000;
+    lane.replay(None, Some(middle)).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut config = lane.consumer_config(state.path());
+    config.exit_at_end = false;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(pipeline::run(config, async move {
+        let _ = stopped.await;
+    }));
+    // The first half is in Redis; then Redis dies and comes back empty.
+    wait_for(|| async { lane.digest().await.keys == 16 }).await;
+    drop(redis);
+    let _redis = PrivateRedis::start_on(port);
+    lane.replay(Some(middle), None).await;
+    wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
+    let _ = stop.send(());
+    let summary = consumer.await.unwrap().expect("consumer rebuilds Redis");
+    assert_eq!(summary.rebuilds, 1);
     assert_eq!(summary.counts.applied, 15_863);
     assert_eq!(lane.digest().await.dump, want.dump);
 }

@@ -48,6 +48,7 @@ impl Lane {
                 topic: format!("{name}.raw"),
                 dlq_topic: format!("{name}.dlq"),
                 partitions: 6,
+                topic_retention_bytes: cryptopulse::cli::DEFAULT_TOPIC_RETENTION_BYTES,
                 properties: Vec::new(),
                 kafka_config_file: None,
             },
