@@ -9,25 +9,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{wait_for, Lane, ARCHIVE};
-use cryptopulse::pipeline;
 use cryptopulse::replay::{self, ReplayOptions, Speed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_mid_run_ends_identical() {
-    let reference = Lane::new("steady");
-    reference.replay(None, None).await;
-    reference.consume(tempfile::tempdir().unwrap().path()).await;
-    let want = reference.digest().await;
+    let want = Lane::undisturbed("steady").await;
 
     let lane = Lane::new("restart");
     lane.kafka.ensure_topics().await.unwrap();
     let state = tempfile::tempdir().unwrap();
-    let mut config = lane.consumer_config(state.path());
-    config.exit_at_end = false;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(pipeline::run(config, async move {
-        let _ = stopped.await;
-    }));
+    let consumer = lane.spawn_consumer(state.path());
     // 346 s of trades at 15x: the broker dies a few seconds in.
     let options = ReplayOptions {
         files: vec![PathBuf::from(ARCHIVE)],
@@ -49,8 +40,7 @@ async fn broker_killed_and_restarted_mid_run_ends_identical() {
 
     assert_eq!(replaying.await.unwrap().expect("replay survives the restart").trades, 15_863);
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
-    let _ = stop.send(());
-    let summary = consumer.await.unwrap().expect("consumer");
+    let summary = consumer.stop().await;
     assert_eq!((summary.counts.applied, summary.counts.duplicates), (15_863, 0));
     assert_eq!(lane.digest().await.dump, want.dump);
 }

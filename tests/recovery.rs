@@ -32,28 +32,15 @@ async fn a_second_consumer_on_the_same_state_dir_is_refused() {
     let lane = Lane::new("owner");
     lane.replay(None, None).await;
     let state = tempfile::tempdir().unwrap();
-    let mut first = lane.consumer_config(state.path());
-    first.exit_at_end = false;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(pipeline::run(first, async move {
-        let _ = stopped.await;
-    }));
+    let first = lane.spawn_consumer(state.path());
     // Wait until the first consumer holds the store (it has written bars).
     wait_for(|| async { lane.digest().await.keys > 0 }).await;
     let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("in use by another consumer"), "{err}");
-    // The first one goes on undisturbed to the last bar.
-    let conn = lane.redis().await;
-    let latest = format!("{}:latest:BTCUSDT", lane.redis.redis_prefix);
-    wait_for(|| {
-        let (mut conn, latest) = (conn.clone(), latest.clone());
-        async move {
-            redis::AsyncCommands::hget::<_, _, Option<i64>>(&mut conn, latest, "window_end").await.ok().flatten() == Some(1_723_161_601_000)
-        }
-    })
-    .await;
-    let _ = stop.send(());
-    let summary = running.await.unwrap().unwrap();
+    // The first one was not disturbed: it stops cleanly, and its state
+    // carries a later run to the end of the topic.
+    first.stop().await;
+    let summary = lane.consume(state.path()).await;
     assert_eq!(summary.counts.applied, 15_863);
 }
 
@@ -108,22 +95,14 @@ impl Drop for PrivateRedis {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
-    let reference = Lane::new("calm");
-    reference.replay(None, None).await;
-    reference.consume(tempfile::tempdir().unwrap().path()).await;
-    let want = reference.digest().await;
+    let want = Lane::undisturbed("calm").await;
 
     let redis = PrivateRedis::start();
     let mut lane = Lane::new("paused");
     lane.redis.redis_url = redis.url.clone();
     lane.kafka.ensure_topics().await.unwrap();
     let state = tempfile::tempdir().unwrap();
-    let mut config = lane.consumer_config(state.path());
-    config.exit_at_end = false;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(pipeline::run(config, async move {
-        let _ = stopped.await;
-    }));
+    let consumer = lane.spawn_consumer(state.path());
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Redis stops answering while the trades arrive: writes time out and
     // are retried with backoff, and nothing is checkpointed past them.
@@ -133,18 +112,14 @@ async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
     assert!(!consumer.is_finished(), "the consumer must wait for Redis, not stop");
     redis.signal("-CONT");
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
-    let _ = stop.send(());
-    let summary = consumer.await.unwrap().expect("consumer recovers once Redis answers");
+    let summary = consumer.stop().await;
     assert_eq!(summary.counts.applied, 15_863);
     assert_eq!(lane.digest().await.dump, want.dump);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
-    let reference = Lane::new("whole");
-    reference.replay(None, None).await;
-    reference.consume(tempfile::tempdir().unwrap().path()).await;
-    let want = reference.digest().await;
+    let want = Lane::undisturbed("whole").await;
 
     let redis = PrivateRedis::start();
     let port = redis.port();
@@ -153,20 +128,14 @@ async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
     let middle = 1_723_161_400_000;
     lane.replay(None, Some(middle)).await;
     let state = tempfile::tempdir().unwrap();
-    let mut config = lane.consumer_config(state.path());
-    config.exit_at_end = false;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(pipeline::run(config, async move {
-        let _ = stopped.await;
-    }));
+    let consumer = lane.spawn_consumer(state.path());
     // The first half is in Redis; then Redis dies and comes back empty.
     wait_for(|| async { lane.digest().await.keys == 16 }).await;
     drop(redis);
     let _redis = PrivateRedis::start_on(port);
     lane.replay(Some(middle), None).await;
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
-    let _ = stop.send(());
-    let summary = consumer.await.unwrap().expect("consumer rebuilds Redis");
+    let summary = consumer.stop().await;
     assert_eq!(summary.rebuilds, 1);
     assert_eq!(summary.counts.applied, 15_863);
     assert_eq!(lane.digest().await.dump, want.dump);

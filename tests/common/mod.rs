@@ -96,6 +96,26 @@ impl Lane {
         pipeline::run(self.consumer_config(state_dir), std::future::pending()).await.expect("consumer")
     }
 
+    /// The digest of an undisturbed replay and run of the fixtures on a lane
+    /// of its own: what a disturbed run must end with.
+    pub async fn undisturbed(test: &str) -> Digest {
+        let lane = Lane::new(test);
+        lane.replay(None, None).await;
+        lane.consume(tempfile::tempdir().expect("tempdir").path()).await;
+        lane.digest().await
+    }
+
+    /// Starts a consumer that runs (not to the end) until stopped.
+    pub fn spawn_consumer(&self, state_dir: &std::path::Path) -> RunningConsumer {
+        let mut config = self.consumer_config(state_dir);
+        config.exit_at_end = false;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(pipeline::run(config, async move {
+            let _ = stopped.await;
+        }));
+        RunningConsumer { stop, handle }
+    }
+
     pub async fn digest(&self) -> Digest {
         let mut conn = sink::connect(&self.redis.redis_url).await.expect("redis");
         digest::digest(&mut conn, &self.redis.redis_prefix).await.expect("digest")
@@ -133,6 +153,24 @@ impl Lane {
             out.push((Vec::new(), message.payload().unwrap_or_default().to_vec()));
         }
         out
+    }
+}
+
+/// A consumer started by [`Lane::spawn_consumer`].
+pub struct RunningConsumer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<cryptopulse::Result<Summary>>,
+}
+
+impl RunningConsumer {
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Shuts it down (a final checkpoint) and returns its summary.
+    pub async fn stop(self) -> Summary {
+        let _ = self.stop.send(());
+        self.handle.await.expect("consumer task").expect("consumer")
     }
 }
 
