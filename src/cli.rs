@@ -48,15 +48,22 @@ pub struct KafkaArgs {
     pub kafka_config_file: Option<PathBuf>,
 }
 
-/// Where Redis is and how its keys are named.
+/// Where Redis is and the prefix of the keys: all the read-only tools need.
+#[derive(Args, Debug, Clone)]
+pub struct RedisTarget {
+    /// Redis URL; put a password here only through the environment.
+    #[arg(id = "redis_url", long = "redis-url", value_name = "URL", env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub url: String,
+    /// Prefix of every key.
+    #[arg(id = "redis_prefix", long = "redis-prefix", value_name = "PREFIX", env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
+    pub prefix: String,
+}
+
+/// Where Redis is, how its keys are named and how writes are kept.
 #[derive(Args, Debug, Clone)]
 pub struct RedisArgs {
-    /// Redis URL; put a password here only through the environment.
-    #[arg(long, env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    pub redis_url: String,
-    /// Prefix of every key written.
-    #[arg(long, env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
-    pub redis_prefix: String,
+    #[command(flatten)]
+    pub target: RedisTarget,
     /// Event time kept in sorted sets and streams, in seconds.
     #[arg(long, env = "CRYPTOPULSE_RETENTION_SECS", default_value_t = DEFAULT_RETENTION_SECS)]
     pub retention_secs: u64,

@@ -69,7 +69,7 @@ pub struct CrashConfig {
     /// broker would delete replayed trades by their old timestamps. The
     /// reference run uses `dlq_topic`, the crashed one `<dlq_topic>-crash`.
     pub kafka: KafkaArgs,
-    /// `redis_prefix` is a base: the runs write under `-reference` and `-crash`.
+    /// The Redis prefix is a base: the runs write under `-reference` and `-crash`.
     pub redis: RedisArgs,
     /// State directories go here; must not hold earlier runs.
     pub work_dir: PathBuf,
@@ -174,7 +174,7 @@ struct Harness<'a> {
 pub async fn run(config: CrashConfig) -> Result<CrashReport> {
     let started = Instant::now();
     let lane = |name: &str, dlq_topic: String| Lane {
-        prefix: format!("{}-{name}", config.redis.redis_prefix),
+        prefix: format!("{}-{name}", config.redis.target.prefix),
         dlq_topic,
         state_dir: config.work_dir.join(name),
     };
@@ -186,7 +186,7 @@ pub async fn run(config: CrashConfig) -> Result<CrashReport> {
         schedule.extend(faults::POINTS.iter().map(|p| Some(*p)));
     }
     let (mut rng, report) =
-        (SplitMix64(config.seed), CrashReport { seed: config.seed, prefix: config.redis.redis_prefix.clone(), ..Default::default() });
+        (SplitMix64(config.seed), CrashReport { seed: config.seed, prefix: config.redis.target.prefix.clone(), ..Default::default() });
     rng.shuffle(&mut schedule);
     let bounds = slice_bounds(&config.inputs, schedule.len() + 1)?;
     let mut h = Harness { config: &config, lane: crashed, rng, report, startup: Duration::ZERO, per_record: Duration::ZERO };
@@ -278,7 +278,7 @@ async fn prepare(config: &CrashConfig, lanes: &[&Lane]) -> Result<()> {
     for result in admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))? {
         result.map_err(|(topic, code)| Error::Config(format!("cannot create topic {topic} ({code}); the crash test needs new topics")))?;
     }
-    let mut conn = sink::connect(&config.redis.redis_url).await?;
+    let mut conn = sink::connect(&config.redis.target.url).await?;
     for lane in lanes {
         if digest::digest(&mut conn, &lane.prefix).await?.keys > 0 || lane.state_dir.exists() {
             return Err(Error::Config(format!("{} or {} holds an earlier run", lane.prefix, lane.state_dir.display())));
@@ -351,7 +351,7 @@ fn command(config: &CrashConfig, lane: &Lane, crash_at: Option<&str>) -> Command
     if let Some(crash_at) = crash_at {
         cmd.env(faults::CRASH_AT_ENV, crash_at);
     }
-    cmd.env("CRYPTOPULSE_REDIS_URL", &redis.redis_url).env("RUST_LOG", "info");
+    cmd.env("CRYPTOPULSE_REDIS_URL", &redis.target.url).env("RUST_LOG", "info");
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }
@@ -418,7 +418,7 @@ fn signal_of(_: &ExitStatus) -> Option<i32> {
 
 /// Fills in the verdict: digests, bar differences, dead-letter differences.
 async fn compare(config: &CrashConfig, reference: &Lane, crashed: &Lane, report: &mut CrashReport) -> Result<()> {
-    let mut conn = sink::connect(&config.redis.redis_url).await?;
+    let mut conn = sink::connect(&config.redis.target.url).await?;
     let (want, got) = (digest::digest(&mut conn, &reference.prefix).await?, digest::digest(&mut conn, &crashed.prefix).await?);
     report.identical = want.dump == got.dump;
     let (want_bars, got_bars) = (stream_entries(&want.dump), stream_entries(&got.dump));

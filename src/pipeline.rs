@@ -95,8 +95,8 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let consumer = Arc::new(create_consumer(&config)?);
     let (positions, end_offsets) = assign(&consumer, &config, &partitions)?;
     let mut sink = RedisSink::connect(
-        &config.redis.redis_url,
-        &config.redis.redis_prefix,
+        &config.redis.target.url,
+        &config.redis.target.prefix,
         config.window.names(),
         config.redis.retention_ms(),
         config.redis.retry_for(),

@@ -359,7 +359,7 @@ async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
     assert!(lane.replay(None, None).await.trades > 0);
     assert!(lane.consume(state.path()).await.counts.bars > 0);
     let mut conn = lane.redis().await;
-    let prefix = &lane.redis.redis_prefix;
+    let prefix = &lane.redis.target.prefix;
 
     for (path, dashboard) in dashboards() {
         let mut problems = Vec::new();

@@ -30,7 +30,7 @@ fn same_number(got: &str, want: &str, what: &str) {
 /// Every expected bar is in the stream, the sorted sets and (the newest) the hash.
 async fn assert_redis_matches_expected(lane: &Lane) {
     let mut conn = lane.redis().await;
-    let prefix = &lane.redis.redis_prefix;
+    let prefix = &lane.redis.target.prefix;
     let expected = expected_bars();
     let symbols: Vec<String> = conn.smembers(format!("{prefix}:symbols")).await.unwrap();
     let mut symbols = symbols;

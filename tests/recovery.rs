@@ -99,7 +99,7 @@ async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
 
     let redis = PrivateRedis::start();
     let mut lane = Lane::new("paused");
-    lane.redis.redis_url = redis.url.clone();
+    lane.redis.target.url = redis.url.clone();
     lane.kafka.ensure_topics().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let consumer = lane.spawn_consumer(state.path());
@@ -124,7 +124,7 @@ async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
     let redis = PrivateRedis::start();
     let port = redis.port();
     let mut lane = Lane::new("amnesia");
-    lane.redis.redis_url = redis.url.clone();
+    lane.redis.target.url = redis.url.clone();
     let middle = 1_723_161_400_000;
     lane.replay(None, Some(middle)).await;
     let state = tempfile::tempdir().unwrap();

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
     println!("seed {seed}, run {run}");
     args.kafka.topic = format!("{}.{run}", args.kafka.topic);
     args.kafka.dlq_topic = format!("{}.{run}", args.kafka.dlq_topic);
-    args.redis.redis_prefix = format!("{}.{run}", args.redis.redis_prefix);
+    args.redis.target.prefix = format!("{}.{run}", args.redis.target.prefix);
     let consumer_bin = match args.consumer_bin {
         Some(path) => path,
         None => std::env::current_exe().context("locate this program")?.with_file_name("consumer"),

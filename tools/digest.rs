@@ -3,17 +3,15 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL};
+use cryptopulse::cli::{self, RedisTarget};
 use cryptopulse::{digest, sink};
 
 /// Prints the canonical digest of what the pipeline wrote under a prefix.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    #[arg(long, env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
-    #[arg(long, env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
-    redis_prefix: String,
+    #[command(flatten)]
+    redis: RedisTarget,
     /// Print the canonical dump, not only its digest.
     #[arg(long)]
     dump: bool,
@@ -23,11 +21,11 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
-    let mut conn = sink::connect(&args.redis_url).await.context("connect to redis")?;
-    let digest = digest::digest(&mut conn, &args.redis_prefix).await.context("digest")?;
+    let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
+    let digest = digest::digest(&mut conn, &args.redis.prefix).await.context("digest")?;
     if args.dump {
         print!("{}", digest.dump);
     }
-    println!("{}  {} keys under {}:", digest.sha256, digest.keys, args.redis_prefix);
+    println!("{}  {} keys under {}:", digest.sha256, digest.keys, args.redis.prefix);
     Ok(())
 }

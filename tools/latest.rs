@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL};
+use cryptopulse::cli::{self, RedisTarget};
 use cryptopulse::sink::{self, Keys};
 use redis::AsyncCommands;
 
@@ -11,10 +11,8 @@ use redis::AsyncCommands;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    #[arg(long, env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
-    redis_url: String,
-    #[arg(long, env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
-    redis_prefix: String,
+    #[command(flatten)]
+    redis: RedisTarget,
 }
 
 const COLUMNS: [&str; 9] = ["window_end", "close", "volume", "trades", "buy_volume", "sell_volume", "vwap_1s", "vwap_5s", "rsi_14"];
@@ -23,8 +21,8 @@ const COLUMNS: [&str; 9] = ["window_end", "close", "volume", "trades", "buy_volu
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
-    let keys = Keys { prefix: args.redis_prefix.clone() };
-    let mut conn = sink::connect(&args.redis_url).await.context("connect to redis")?;
+    let keys = Keys { prefix: args.redis.prefix.clone() };
+    let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
     let mut symbols: Vec<String> = conn.smembers(keys.symbols()).await.context("read symbols")?;
     symbols.sort();
     let mut rows = vec![std::iter::once("symbol".to_owned()).chain(COLUMNS.iter().map(|c| c.to_string())).collect::<Vec<_>>()];
@@ -35,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     }
     print_table(&rows);
     if symbols.is_empty() {
-        println!("(no symbols under {}: nothing written yet)", args.redis_prefix);
+        println!("(no symbols under {}: nothing written yet)", args.redis.prefix);
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use cryptopulse::cli::{KafkaArgs, RedisArgs};
+use cryptopulse::cli::{KafkaArgs, RedisArgs, RedisTarget};
 use cryptopulse::digest::{self, Digest};
 use cryptopulse::pipeline::{self, ConsumerConfig, Summary};
 use cryptopulse::replay::{self, ReplayOptions, ReplaySummary, Speed};
@@ -53,8 +53,7 @@ impl Lane {
                 kafka_config_file: None,
             },
             redis: RedisArgs {
-                redis_url: env("CRYPTOPULSE_REDIS_URL"),
-                redis_prefix: name.clone(),
+                target: RedisTarget { url: env("CRYPTOPULSE_REDIS_URL"), prefix: name.clone() },
                 retention_secs: 24 * 3600,
                 redis_retry_secs: 60,
             },
@@ -65,7 +64,7 @@ impl Lane {
     /// The same topic, under another Redis prefix.
     pub fn with_prefix(&self, prefix: &str) -> Self {
         let mut lane = self.clone();
-        lane.redis.redis_prefix = format!("{}-{prefix}", self.name);
+        lane.redis.target.prefix = format!("{}-{prefix}", self.name);
         lane
     }
 
@@ -117,12 +116,12 @@ impl Lane {
     }
 
     pub async fn digest(&self) -> Digest {
-        let mut conn = sink::connect(&self.redis.redis_url).await.expect("redis");
-        digest::digest(&mut conn, &self.redis.redis_prefix).await.expect("digest")
+        let mut conn = sink::connect(&self.redis.target.url).await.expect("redis");
+        digest::digest(&mut conn, &self.redis.target.prefix).await.expect("digest")
     }
 
     pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        sink::connect(&self.redis.redis_url).await.expect("redis")
+        sink::connect(&self.redis.target.url).await.expect("redis")
     }
 
     /// Every record of the dead-letter topic.
