@@ -4,12 +4,15 @@
 //! The connection is re-opened with capped, jittered backoff when it drops,
 //! errs, or stays silent past a deadline.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, error, info, warn};
@@ -34,6 +37,10 @@ pub struct ProducerConfig {
     pub max_frame_bytes: usize,
 }
 
+/// Records sent but not yet acknowledged that the producer holds at most;
+/// beyond it, it waits for the oldest (backpressure with bounded memory).
+const IN_FLIGHT: usize = 10_000;
+
 /// Counts of one run.
 #[derive(Debug, Clone, Default)]
 pub struct ProducerSummary {
@@ -47,12 +54,13 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     config.kafka.ensure_topics().await?;
     let producer: FutureProducer = config.kafka.producer_config()?.create().map_err(|e| Error::kafka("producer", e))?;
     let mut summary = ProducerSummary::default();
+    let mut in_flight = InFlight::default();
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(250);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            ended = stream_once(&config, &producer, &mut summary) => {
+            ended = stream_once(&config, &producer, &mut in_flight, &mut summary) => {
                 match ended {
                     Ok(()) => backoff = Duration::from_millis(250),
                     Err(e) => warn!(error = %e, "websocket connection lost"),
@@ -69,6 +77,7 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
     producer.flush(Duration::from_secs(30)).map_err(|e| Error::kafka("flush", e))?;
+    in_flight.drain(&mut summary).await?;
     Ok(summary)
 }
 
@@ -78,7 +87,12 @@ fn stream_url(config: &ProducerConfig) -> String {
 }
 
 /// One connection, until it ends; `Ok` when the server closed it cleanly.
-async fn stream_once(config: &ProducerConfig, producer: &FutureProducer, summary: &mut ProducerSummary) -> Result<()> {
+async fn stream_once(
+    config: &ProducerConfig,
+    producer: &FutureProducer,
+    in_flight: &mut InFlight,
+    summary: &mut ProducerSummary,
+) -> Result<()> {
     let url = stream_url(config);
     let ws_config = WebSocketConfig::default().max_message_size(Some(config.max_frame_bytes)).max_frame_size(Some(config.max_frame_bytes));
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&url, Some(ws_config), false)
@@ -93,7 +107,7 @@ async fn stream_once(config: &ProducerConfig, producer: &FutureProducer, summary
             Ok(Some(Ok(message))) => message,
         };
         match message {
-            Message::Text(text) => on_frame(config, producer, text.as_str(), summary).await?,
+            Message::Text(text) => on_frame(config, producer, text.as_str(), in_flight, summary).await?,
             Message::Close(frame) => {
                 info!(?frame, "server closed the connection");
                 return Ok(());
@@ -104,7 +118,13 @@ async fn stream_once(config: &ProducerConfig, producer: &FutureProducer, summary
     }
 }
 
-async fn on_frame(config: &ProducerConfig, producer: &FutureProducer, text: &str, summary: &mut ProducerSummary) -> Result<()> {
+async fn on_frame(
+    config: &ProducerConfig,
+    producer: &FutureProducer,
+    text: &str,
+    in_flight: &mut InFlight,
+    summary: &mut ProducerSummary,
+) -> Result<()> {
     let trade = binance::unwrap_frame(text).and_then(|frame| match frame {
         Frame::Trade(bytes) => binance::decode(bytes).map(|t| Some((t.symbol.into_owned(), t.time_ms, bytes))),
         Frame::Other(other) => {
@@ -121,7 +141,6 @@ async fn on_frame(config: &ProducerConfig, producer: &FutureProducer, text: &str
         Ok(Some((symbol, time_ms, bytes))) => (&config.kafka.topic, Some(symbol), bytes, OwnedHeaders::new(), Some(time_ms)),
         Err(rejection) => {
             warn!(reason = %rejection.reason, detail = %rejection.detail, "frame sent to the dead-letter topic");
-            summary.dead_letters += 1;
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "reason", value: Some(rejection.reason.as_str()) })
                 .insert(Header { key: "detail", value: Some(&rejection.detail) })
@@ -136,8 +155,51 @@ async fn on_frame(config: &ProducerConfig, producer: &FutureProducer, text: &str
     if let Some(ms) = timestamp {
         record = record.timestamp(ms);
     }
-    // Waiting for the broker's acknowledgement is the backpressure.
-    producer.send(record, Duration::from_secs(60)).await.map_err(|(e, _)| Error::kafka("publish trade", e))?;
-    summary.published += u64::from(timestamp.is_some());
-    Ok(())
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return in_flight.push(delivery, timestamp.is_some(), summary).await,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                in_flight.settle_oldest(summary).await?;
+            }
+            Err((e, _)) => return Err(Error::kafka("publish trade", e)),
+        }
+    }
+}
+
+/// Deliveries not yet acknowledged by the broker, oldest first, each marked
+/// whether it is a trade (or a dead letter).
+#[derive(Default)]
+struct InFlight {
+    pending: VecDeque<(DeliveryFuture, bool)>,
+}
+
+impl InFlight {
+    async fn push(&mut self, delivery: DeliveryFuture, trade: bool, summary: &mut ProducerSummary) -> Result<()> {
+        self.pending.push_back((delivery, trade));
+        while self.pending.len() > IN_FLIGHT {
+            self.settle_oldest(summary).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest delivery; a failed one is an error (after
+    /// librdkafka's own retries), never a silent loss.
+    async fn settle_oldest(&mut self, summary: &mut ProducerSummary) -> Result<()> {
+        let Some((delivery, trade)) = self.pending.pop_front() else { return Ok(()) };
+        match delivery.await {
+            Ok(Ok(_)) if trade => summary.published += 1,
+            Ok(Ok(_)) => summary.dead_letters += 1,
+            Ok(Err((e, _))) => return Err(Error::kafka("publish trade", e)),
+            Err(_) => return Err(Error::Config("producer shut down before delivery".into())),
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self, summary: &mut ProducerSummary) -> Result<()> {
+        while !self.pending.is_empty() {
+            self.settle_oldest(summary).await?;
+        }
+        Ok(())
+    }
 }
