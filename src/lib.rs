@@ -12,7 +12,7 @@
 //!
 //! | role      | module |
 //! |-----------|--------|
-//! | source    | [`producer`] (live), [`binance`] (wire format), [`archive`] (Parquet), [`record`], [`replay`] |
+//! | source    | [`producer`] (live), [`binance`] (wire format), [`archive`] (Parquet), [`record`], [`replay`], [`synth`] (larger inputs) |
 //! | transport | [`kafka`] |
 //! | compute   | [`trade`] (the Arrow schema), [`decimal`], [`window`] |
 //! | state     | [`checkpoint`] |
@@ -36,6 +36,7 @@ pub mod producer;
 pub mod record;
 pub mod replay;
 pub mod sink;
+pub mod synth;
 pub mod trade;
 pub mod window;
 

@@ -94,7 +94,7 @@ impl Drop for PrivateRedis {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
+async fn redis_paused_30_s_mid_run_ends_identical_to_an_undisturbed_run() {
     let want = Lane::undisturbed("calm").await;
 
     let redis = PrivateRedis::start();
@@ -108,7 +108,7 @@ async fn redis_paused_mid_run_ends_identical_to_an_undisturbed_run() {
     // are retried with backoff, and nothing is checkpointed past them.
     redis.signal("-STOP");
     lane.replay(None, None).await;
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(!consumer.is_finished(), "the consumer must wait for Redis, not stop");
     redis.signal("-CONT");
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
