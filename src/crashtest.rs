@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
 use crate::cli::{KafkaArgs, RedisArgs};
@@ -100,6 +104,13 @@ pub struct CrashReport {
     pub extra: usize,
     /// Dump lines of any key type in one run but not the other.
     pub differing_lines: usize,
+    /// Distinct dead-letter sources (partition, offset) of the reference,
+    /// those missing from the crashed run and those only in it.
+    pub dead_letters: usize,
+    pub dead_letters_missing: usize,
+    pub dead_letters_extra: usize,
+    /// Dead letters sent again after a crash: same source, recognisable.
+    pub dead_letters_resent: usize,
     /// From a restart after a crash until the consumer exits at the end.
     pub recovery_p50: Duration,
     pub recovery_p99: Duration,
@@ -115,7 +126,12 @@ pub struct CrashReport {
 impl CrashReport {
     /// Bars written, dumps identical, no bar missing or extra.
     pub fn passed(&self) -> bool {
-        self.bars > 0 && self.identical && self.missing == 0 && self.extra == 0
+        self.bars > 0
+            && self.identical
+            && self.missing == 0
+            && self.extra == 0
+            && self.dead_letters > 0
+            && self.dead_letters_missing + self.dead_letters_extra == 0
     }
 }
 
@@ -129,6 +145,9 @@ impl fmt::Display for CrashReport {
         writeln!(f, ", named crash points hit {hit}/{armed} [{points}]")?;
         let (identical, bars, missing, extra, lines) = (self.identical, self.bars, self.missing, self.extra, self.differing_lines);
         writeln!(f, "  redis: identical {identical} | {bars} bars, missing {missing}, extra {extra} | differing dump lines {lines}")?;
+        let (letters, resent) = (self.dead_letters, self.dead_letters_resent);
+        let (missing, extra) = (self.dead_letters_missing, self.dead_letters_extra);
+        writeln!(f, "  dead letters: {letters} distinct sources, missing {missing}, extra {extra} | {resent} sent again after a crash")?;
         let (p50, p99, reference) = (ms(self.recovery_p50), ms(self.recovery_p99), ms(self.reference_run));
         writeln!(f, "  recovery over {} restarts: p50 {p50} ms, p99 {p99} ms | uncrashed run {reference} ms", self.restarts)?;
         writeln!(f, "  sha256 {} under {}-reference:", self.reference_digest, self.prefix)?;
@@ -308,7 +327,41 @@ async fn replay_slice(config: &CrashConfig, bounds: &[i64], i: usize) -> Result<
     }
     let (from_ms, to_ms) = (i.checked_sub(1).and_then(|j| bounds.get(j).copied()), bounds.get(i).copied());
     let options = ReplayOptions { files: config.inputs.clone(), speed: Speed::Max, symbols: None, from_ms, to_ms, progress: false };
-    Ok(replay::run(&config.kafka, options).await?.trades)
+    let trades = replay::run(&config.kafka, options).await?.trades;
+    inject_bad_record(config, i).await?;
+    Ok(trades + 1)
+}
+
+/// One record per slice that must be dead-lettered, so the comparison of
+/// dead-letter sources has something to compare.
+async fn inject_bad_record(config: &CrashConfig, i: usize) -> Result<()> {
+    let producer: FutureProducer = config.kafka.producer_config()?.create().map_err(|e| Error::kafka("producer", e))?;
+    let payload = format!(r#"{{"e":"trade","s":"BTCUSDT","t":{i},"p":"not a number"}}"#);
+    let record = FutureRecord::to(&config.kafka.topic).key("BTCUSDT").payload(&payload);
+    producer.send(record, REQUEST_TIMEOUT).await.map_err(|(e, _)| Error::kafka("inject bad record", e))?;
+    Ok(())
+}
+
+/// The distinct (partition, offset) sources in a dead-letter topic, and the
+/// number of records (a record dead-lettered again after a crash counts twice).
+async fn dead_letter_sources(config: &CrashConfig, topic: &str) -> Result<(BTreeSet<(String, String)>, usize)> {
+    let consumer: BaseConsumer =
+        config.kafka.config_with(&[("group.id", "crashtest-dlq-reader")])?.create().map_err(|e| Error::kafka("dlq reader", e))?;
+    let (_, high) = consumer.fetch_watermarks(topic, 0, REQUEST_TIMEOUT).map_err(|e| Error::kafka("dlq watermarks", e))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning).map_err(|e| Error::kafka("dlq assign", e))?;
+    consumer.assign(&list).map_err(|e| Error::kafka("dlq assign", e))?;
+    let (mut sources, mut records, deadline) = (BTreeSet::new(), 0, Instant::now() + REQUEST_TIMEOUT);
+    while records < high as usize && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message.map_err(|e| Error::kafka("read dead letters", e))?;
+        let header = |key: &str| {
+            message.headers().and_then(|h| h.iter().find(|h| h.key == key)?.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        };
+        sources.insert((header("source.partition").unwrap_or_default(), header("source.offset").unwrap_or_default()));
+        records += 1;
+    }
+    Ok((sources, records))
 }
 
 /// Runs a consumer to the end of its input; it must exit 0.
@@ -416,7 +469,7 @@ fn signal_of(_: &ExitStatus) -> Option<i32> {
     None
 }
 
-/// Fills in the verdict: digests, bar differences, dead-letter differences.
+/// Fills in the verdict: digests, bar differences, dead-letter sources.
 async fn compare(config: &CrashConfig, reference: &Lane, crashed: &Lane, report: &mut CrashReport) -> Result<()> {
     let mut conn = sink::connect(&config.redis.target.url).await?;
     let (want, got) = (digest::digest(&mut conn, &reference.prefix).await?, digest::digest(&mut conn, &crashed.prefix).await?);
@@ -425,6 +478,10 @@ async fn compare(config: &CrashConfig, reference: &Lane, crashed: &Lane, report:
     (report.bars, (report.missing, report.extra)) = (want_bars.len(), differences(&want_bars, &got_bars));
     let (only_want, only_got) = differences(&dump_lines(&want.dump), &dump_lines(&got.dump));
     (report.differing_lines, report.reference_digest, report.crash_digest) = (only_want + only_got, want.sha256, got.sha256);
+    let ((want, _), (got, records)) =
+        (dead_letter_sources(config, &reference.dlq_topic).await?, dead_letter_sources(config, &crashed.dlq_topic).await?);
+    (report.dead_letters, (report.dead_letters_missing, report.dead_letters_extra)) = (want.len(), differences(&want, &got));
+    report.dead_letters_resent = records.saturating_sub(got.len());
     Ok(())
 }
 

@@ -41,5 +41,8 @@ async fn sigkills_and_crash_points_leave_redis_identical_to_an_uncrashed_run() {
     assert!(report.kills_done >= KILLS, "{report}");
     assert_eq!(report.crash_points_hit, POINTS, "every named crash point must fire, seed {seed}");
     assert_eq!(report.bars, FIXTURE_BARS, "the reference run wrote every bar of the fixture");
+    // One injected bad record per slice, each dead-lettered with its source.
+    assert!(report.dead_letters > KILLS as usize, "{report}");
+    assert_eq!((report.dead_letters_missing, report.dead_letters_extra), (0, 0), "dead letters missing / extra, seed {seed}");
     assert!(report.passed());
 }
