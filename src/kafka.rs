@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
+use arrow::array::{BinaryArray, BinaryBuilder, RecordBatch};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -194,8 +194,9 @@ pub struct PartitionBatch {
     pub trades: RecordBatch,
     /// Source offset of each row of `trades`.
     pub offsets: Vec<i64>,
-    /// Raw payload of each row of `trades`, for dead-lettering late trades.
-    pub payloads: Vec<Vec<u8>>,
+    /// Raw payload of each row of `trades`, for dead-lettering late trades;
+    /// one buffer for the batch, not an allocation per trade.
+    pub payloads: BinaryArray,
     /// Next offset to read after this batch (past rejected records too).
     pub next_offset: i64,
 }
@@ -223,7 +224,7 @@ pub struct SourceOptions {
 struct Pending {
     builder: TradeBatchBuilder,
     offsets: Vec<i64>,
-    payloads: Vec<Vec<u8>>,
+    payloads: BinaryBuilder,
     next_offset: i64,
 }
 
@@ -255,7 +256,7 @@ pub fn run_source(
                     partition,
                     trades: p.builder.finish()?,
                     offsets: p.offsets,
-                    payloads: p.payloads,
+                    payloads: p.payloads.finish(),
                     next_offset: p.next_offset,
                 })
             })
@@ -310,7 +311,7 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
             Ok(trade) => {
                 slot.builder.push(&trade);
                 slot.offsets.push(offset);
-                slot.payloads.push(payload.to_vec());
+                slot.payloads.append_value(payload);
             }
             Err(rejection) => {
                 debug!(partition, offset, reason = %rejection.reason, "record rejected");

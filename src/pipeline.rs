@@ -25,7 +25,7 @@ use crate::kafka::{
 };
 use crate::sink::RedisSink;
 use crate::trade::TradeColumns;
-use crate::window::{Counts, FinalBar, WindowConfig};
+use crate::window::{Counts, WindowConfig};
 
 /// Everything the consumer needs to run.
 #[derive(Debug, Clone)]
@@ -258,15 +258,18 @@ impl Loop {
             self.dirty.insert(batch.partition);
             self.summary.records += batch.offsets.len() as u64;
             self.since_checkpoint += batch.offsets.len() as u64;
-            for row in output.late_rows {
-                self.dead_letters.send(&late_letter(&batch, row)?).await?;
+            if !output.late_rows.is_empty() {
+                let cols = TradeColumns::new(&batch.trades)?;
+                for row in output.late_rows {
+                    self.dead_letters.send(&late_letter(&batch, &cols, row)).await?;
+                }
             }
             bars.extend(output.bars);
         }
         self.summary.records += rejected.len() as u64;
         self.since_checkpoint += rejected.len() as u64;
         faults::crash_point("after_state_update");
-        self.write(&bars).await?;
+        self.sink.write(&bars).await?;
         faults::crash_point("after_redis_write");
         if self.since_checkpoint >= self.config.checkpoint_records {
             self.checkpoint().await?;
@@ -285,16 +288,12 @@ impl Loop {
                     bars.extend(closed);
                 }
             }
-            self.write(&bars).await?;
+            self.sink.write(&bars).await?;
         }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
             self.checkpoint().await?;
         }
         Ok(())
-    }
-
-    async fn write(&mut self, bars: &[FinalBar]) -> Result<()> {
-        self.sink.write(bars).await
     }
 
     /// Dead letters acknowledged, then state and offsets in one synced batch,
@@ -349,15 +348,14 @@ impl Loop {
     }
 }
 
-fn late_letter(batch: &PartitionBatch, row: usize) -> Result<DeadLetter> {
-    let cols = TradeColumns::new(&batch.trades)?;
+fn late_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize) -> DeadLetter {
     let trade = cols.trade(row);
-    Ok(DeadLetter {
+    DeadLetter {
         reason: Reject::Late,
         detail: format!("trade {} of {} at {} is for a bar already final", trade.id, trade.symbol, trade.time_ms),
         partition: batch.partition,
         offset: batch.offsets[row],
         key: Some(trade.symbol.as_bytes().to_vec()),
-        payload: batch.payloads[row].clone(),
-    })
+        payload: batch.payloads.value(row).to_vec(),
+    }
 }
