@@ -56,6 +56,9 @@ pub enum Error {
     /// flushed): its marker key is gone.
     #[error("redis lost the data under prefix {prefix:?} (its marker key is gone: restarted empty or flushed)")]
     RedisDataLost { prefix: String },
+    /// Binance's WebSocket or REST endpoint failed, or answered with an error.
+    #[error("binance: {context}: {detail}")]
+    Binance { context: String, detail: String },
     /// The configuration given cannot work.
     #[error("configuration: {0}")]
     Config(String),
@@ -79,7 +82,7 @@ impl Error {
                         redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain | redis::ErrorKind::NoScriptError
                     )
             }
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::Binance { .. } => true,
             _ => false,
         }
     }
@@ -90,6 +93,10 @@ impl Error {
 
     pub(crate) fn redis(context: impl Into<String>, source: redis::RedisError) -> Self {
         Error::Redis { context: context.into(), source }
+    }
+
+    pub(crate) fn binance(context: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Error::Binance { context: context.into(), detail: detail.to_string() }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

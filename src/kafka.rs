@@ -73,11 +73,20 @@ impl KafkaArgs {
     /// Creates the raw topic (`--partitions`) and the dead-letter topic (one
     /// partition) unless they exist, with the broker's replication factor.
     pub async fn ensure_topics(&self) -> Result<()> {
+        self.ensure(&[(&self.topic, self.partitions), (&self.dlq_topic, 1)]).await
+    }
+
+    /// Creates `topics` (name, partitions) unless they exist, with the same
+    /// settings as the raw topic.
+    pub async fn ensure(&self, topics: &[(&str, i32)]) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
         let bytes = self.topic_retention_bytes.to_string();
-        let topics = [(&self.topic, self.partitions), (&self.dlq_topic, 1)].map(|(name, partitions)| {
-            NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
-        });
+        let topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|&(name, partitions)| {
+                NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
+            })
+            .collect();
         let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let results = admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))?;
         for result in results {

@@ -1,0 +1,206 @@
+//! Binance's REST endpoint for old trades, `GET /api/v3/historicalTrades`,
+//! used to fill the ids a stream skipped. It keeps within the request weight
+//! Binance allows per minute and waits as told on 429 (too many requests)
+//! and 418 (banned for a while) answers.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::StatusCode;
+use serde::Deserialize;
+use tracing::{debug, warn};
+
+use crate::binance;
+use crate::decimal;
+use crate::error::{Error, Result};
+use crate::trade::Trade;
+
+/// Binance's public REST base URL.
+pub const DEFAULT_REST_URL: &str = "https://api.binance.com";
+
+/// Most trades one request returns.
+pub const PAGE: i64 = 1000;
+
+/// Weight Binance charges for one `historicalTrades` request.
+const REQUEST_WEIGHT: u32 = 25;
+
+/// How the client paces itself.
+#[derive(Debug, Clone)]
+pub struct RestLimits {
+    /// Request weight to spend per minute at most (Binance allows 6000 per IP).
+    pub weight_per_minute: u32,
+    /// Attempts for one page when the server fails or cannot be reached.
+    pub attempts: u32,
+    /// Longest wait for one answer.
+    pub timeout: Duration,
+}
+
+impl Default for RestLimits {
+    fn default() -> Self {
+        RestLimits { weight_per_minute: 5000, attempts: 8, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// One trade as `historicalTrades` lists it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RestTrade {
+    id: i64,
+    price: String,
+    qty: String,
+    time: i64,
+    is_buyer_maker: bool,
+}
+
+/// A client of one Binance REST base URL, counting its own requests.
+pub struct Rest {
+    http: reqwest::Client,
+    base: String,
+    limits: RestLimits,
+    /// Weight used in the current minute, as Binance last reported it.
+    used_weight: u32,
+    minute: u64,
+    /// Requests sent, and how many were answered 429 / 418.
+    pub requests: u64,
+    pub throttled: u64,
+}
+
+impl Rest {
+    pub fn new(base: &str, limits: RestLimits) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(limits.timeout)
+            .user_agent(concat!("cryptopulse/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::binance("rest client", e))?;
+        Ok(Rest { http, base: base.trim_end_matches('/').to_owned(), limits, used_weight: 0, minute: 0, requests: 0, throttled: 0 })
+    }
+
+    /// Trades of `symbol` from id `from` on, at most `limit` (up to
+    /// [`PAGE`]), each encoded as the stream event Binance would have sent
+    /// (without the event time `E`, which REST does not give).
+    pub async fn trades_from(&mut self, symbol: &str, from: i64, limit: i64) -> Result<Vec<(i64, i64, Vec<u8>)>> {
+        let url = format!("{}/api/v3/historicalTrades", self.base);
+        let query = [("symbol", symbol.to_owned()), ("fromId", from.to_string()), ("limit", limit.clamp(1, PAGE).to_string())];
+        let mut failures = 0;
+        loop {
+            self.pace().await;
+            self.requests += 1;
+            let answer = self.http.get(&url).query(&query).send().await;
+            let response = match answer {
+                Ok(response) => response,
+                Err(e) => {
+                    failures += 1;
+                    if failures >= self.limits.attempts {
+                        return Err(Error::binance(format!("GET {url} {symbol} from {from}"), e));
+                    }
+                    warn!(error = %e, failures, "historicalTrades request failed; trying again");
+                    tokio::time::sleep(backoff(failures)).await;
+                    continue;
+                }
+            };
+            self.note_weight(&response);
+            let status = response.status();
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::IM_A_TEAPOT {
+                self.throttled += 1;
+                let wait = retry_after(&response).unwrap_or(Duration::from_secs(60));
+                warn!(%status, wait_s = wait.as_secs_f64(), "binance asks to slow down; waiting as told");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let body = response.bytes().await.map_err(|e| Error::binance(format!("GET {url}"), e))?;
+            if status.is_server_error() {
+                failures += 1;
+                if failures >= self.limits.attempts {
+                    return Err(Error::binance(format!("GET {url} {symbol} from {from}"), format!("{status}")));
+                }
+                warn!(%status, failures, "historicalTrades failed on the server; trying again");
+                tokio::time::sleep(backoff(failures)).await;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(Error::binance(
+                    format!("GET {url} {symbol} from {from}"),
+                    format!("{status}: {}", String::from_utf8_lossy(&body)),
+                ));
+            }
+            return page(symbol, &body);
+        }
+    }
+
+    /// Waits for the next minute when one more request would spend more
+    /// weight than allowed.
+    async fn pace(&mut self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        if now.as_secs() / 60 != self.minute {
+            self.minute = now.as_secs() / 60;
+            self.used_weight = 0;
+        }
+        if self.used_weight + REQUEST_WEIGHT > self.limits.weight_per_minute {
+            let wait = Duration::from_secs(60 - now.as_secs() % 60);
+            debug!(used = self.used_weight, wait_s = wait.as_secs(), "request weight spent for this minute");
+            tokio::time::sleep(wait).await;
+            self.minute += 1;
+            self.used_weight = 0;
+        }
+        self.used_weight += REQUEST_WEIGHT;
+    }
+
+    fn note_weight(&mut self, response: &reqwest::Response) {
+        if let Some(used) = response.headers().get("x-mbx-used-weight-1m").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+            self.used_weight = used;
+        }
+    }
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let seconds: u64 = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30))
+}
+
+/// Decodes a `historicalTrades` answer into `(id, time, event)` in id order.
+fn page(symbol: &str, body: &[u8]) -> Result<Vec<(i64, i64, Vec<u8>)>> {
+    let trades: Vec<RestTrade> = serde_json::from_slice(body).map_err(|e| Error::binance("historicalTrades answer", e))?;
+    let mut out = Vec::with_capacity(trades.len());
+    for t in trades {
+        let bad =
+            |what: &str, value: &str| Error::binance("historicalTrades answer", format!("{symbol} trade {}: bad {what} {value:?}", t.id));
+        let price = decimal::parse(&t.price).filter(|&v| v > 0).ok_or_else(|| bad("price", &t.price))?;
+        let qty = decimal::parse(&t.qty).filter(|&v| v > 0).ok_or_else(|| bad("qty", &t.qty))?;
+        let trade =
+            Trade { symbol: symbol.into(), id: t.id, price, qty, time_ms: t.time, buyer_is_maker: t.is_buyer_maker, event_time_ms: None };
+        let mut event = Vec::with_capacity(128);
+        binance::encode(&trade, &mut event);
+        out.push((t.id, t.time, event));
+    }
+    out.sort_by_key(|&(id, _, _)| id);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rest_trade_becomes_the_stream_event_without_event_time() {
+        let body = br#"[{"id":3735683260,"price":"61837.63000000","qty":"0.02000000","quoteQty":"1236.7526","time":1723161255342,"isBuyerMaker":true,"isBestMatch":true}]"#;
+        let trades = page("BTCUSDT", body).unwrap();
+        assert_eq!(trades.len(), 1);
+        assert_eq!((trades[0].0, trades[0].1), (3735683260, 1723161255342));
+        assert_eq!(
+            std::str::from_utf8(&trades[0].2).unwrap(),
+            r#"{"e":"trade","s":"BTCUSDT","t":3735683260,"p":"61837.63000000","q":"0.02000000","T":1723161255342,"m":true,"M":true}"#
+        );
+        let decoded = binance::decode(&trades[0].2).unwrap();
+        assert_eq!((decoded.id, decoded.event_time_ms), (3735683260, None));
+    }
+
+    #[test]
+    fn a_bad_number_from_rest_is_an_error_not_a_trade() {
+        let body = br#"[{"id":1,"price":"-1","qty":"1","time":1,"isBuyerMaker":false}]"#;
+        let err = page("BTCUSDT", body).unwrap_err().to_string();
+        assert!(err.contains("bad price"), "{err}");
+    }
+}
