@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::{wait_for, Lane};
 use cryptopulse::producer::tail::partition_for;
-use cryptopulse::producer::{self, ProducerConfig, ProducerSummary};
+use cryptopulse::producer::{self, ProducerConfig, ProducerSummary, StreamConfig};
 use fake_binance::{Behaviour, FakeBinance, MALFORMED};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -22,9 +22,10 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 const RATE: usize = 5000;
 
 fn config(fake: &FakeBinance, lane: &Lane) -> ProducerConfig {
-    let mut config = ProducerConfig::new(lane.kafka.clone(), fake.symbols(), &fake.ws_url, &fake.rest_url);
+    let mut stream = StreamConfig::new(fake.symbols(), &fake.ws_url, &fake.rest_url);
+    stream.silence_timeout = Duration::from_secs(2);
+    let mut config = ProducerConfig::new(lane.kafka.clone(), stream);
     config.gaps_topic = format!("{}.gaps", lane.name);
-    config.silence_timeout = Duration::from_secs(2);
     config
 }
 
@@ -117,7 +118,7 @@ async fn a_normal_run_publishes_every_trade_once_in_order_and_redis_matches_a_re
     let lane = Lane::new("live");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
     assert_eq!(
-        (summary.published, summary.from_rest, summary.duplicates, summary.dead_letters, summary.reconnects),
+        (summary.published, summary.from_rest, summary.stream.duplicates, summary.dead_letters, summary.stream.reconnects),
         (fake.total() as u64, 0, 0, 0, 0)
     );
     assert_once_in_order(&fake, &lane);
@@ -131,9 +132,9 @@ async fn a_dropped_connection_is_reopened_and_the_gap_filled_from_rest() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
     let lane = Lane::new("drop");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!(summary.reconnects, 1);
-    assert!(summary.gaps_found >= 1 && summary.from_rest >= 1, "{summary:?}");
-    assert_eq!(summary.unfilled, 0);
+    assert_eq!(summary.stream.reconnects, 1);
+    assert!(summary.stream.gaps_found >= 1 && summary.from_rest >= 1, "{summary:?}");
+    assert_eq!(summary.stream.unfilled, 0);
     assert_once_in_order(&fake, &lane);
 }
 
@@ -142,9 +143,9 @@ async fn a_silent_server_is_left_after_the_deadline() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Silent { after: 3000 }], 0).await;
     let lane = Lane::new("silent");
     let mut config = config(&fake, &lane);
-    config.silence_timeout = Duration::from_secs(1);
+    config.stream.silence_timeout = Duration::from_secs(1);
     let summary = run(&fake, &lane, config).await;
-    assert_eq!(summary.reconnects, 1, "{summary:?}");
+    assert_eq!(summary.stream.reconnects, 1, "{summary:?}");
     assert!(summary.from_rest >= 1, "{summary:?}");
     assert_once_in_order(&fake, &lane);
 }
@@ -156,9 +157,9 @@ async fn pings_are_answered_and_count_as_life() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Pings { after: 3000, pings: 10 }], 0).await;
     let lane = Lane::new("pings");
     let mut config = config(&fake, &lane);
-    config.silence_timeout = Duration::from_secs(1);
+    config.stream.silence_timeout = Duration::from_secs(1);
     let summary = run(&fake, &lane, config).await;
-    assert_eq!((summary.reconnects, summary.from_rest), (0, 0), "{summary:?}");
+    assert_eq!((summary.stream.reconnects, summary.from_rest), (0, 0), "{summary:?}");
     assert_eq!(fake.seen().pongs, 10);
     assert_once_in_order(&fake, &lane);
 }
@@ -168,8 +169,8 @@ async fn server_shutdown_opens_the_next_connection_before_the_old_one_closes() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Shutdown { after: 3000 }], 0).await;
     let lane = Lane::new("shutdown");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!((summary.rotations, summary.reconnects, summary.rest_requests), (1, 0, 0), "{summary:?}");
-    assert!(summary.duplicates >= 1, "the two connections overlap: {summary:?}");
+    assert_eq!((summary.stream.rotations, summary.stream.reconnects, summary.stream.rest_requests), (1, 0, 0), "{summary:?}");
+    assert!(summary.stream.duplicates >= 1, "the two connections overlap: {summary:?}");
     assert_once_in_order(&fake, &lane);
 }
 
@@ -178,7 +179,7 @@ async fn an_oversized_frame_is_an_error_and_a_reconnect() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Oversized { after: 3000 }], 0).await;
     let lane = Lane::new("oversized");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!(summary.reconnects, 1, "{summary:?}");
+    assert_eq!(summary.stream.reconnects, 1, "{summary:?}");
     assert_eq!(summary.dead_letters, 0);
     assert_once_in_order(&fake, &lane);
 }
@@ -188,7 +189,7 @@ async fn malformed_json_goes_to_the_dead_letter_topic_with_its_raw_bytes() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Malformed { after: 3000 }], 0).await;
     let lane = Lane::new("malformed");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!((summary.dead_letters, summary.reconnects), (1, 0), "{summary:?}");
+    assert_eq!((summary.dead_letters, summary.stream.reconnects), (1, 0), "{summary:?}");
     let letters = lane.dead_letters(1);
     assert_eq!(letters.len(), 1);
     let (headers, payload) = &letters[0];
@@ -202,7 +203,7 @@ async fn an_error_reply_to_subscribe_is_a_reconnect() {
     let fake = FakeBinance::start(RATE, &[Behaviour::RefuseSubscribe], 0).await;
     let lane = Lane::new("refused");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!(summary.reconnects, 1, "{summary:?}");
+    assert_eq!(summary.stream.reconnects, 1, "{summary:?}");
     assert_eq!(fake.seen().connections, 2);
     assert_once_in_order(&fake, &lane);
 }
@@ -212,8 +213,8 @@ async fn rest_answering_429_is_waited_out_then_the_gap_is_filled() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 2).await;
     let lane = Lane::new("throttled");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
-    assert_eq!((summary.rest_throttled, fake.seen().rest_throttled), (2, 2), "{summary:?}");
-    assert!(summary.from_rest >= 1 && summary.unfilled == 0, "{summary:?}");
+    assert_eq!((summary.stream.rest_throttled, fake.seen().rest_throttled), (2, 2), "{summary:?}");
+    assert!(summary.from_rest >= 1 && summary.stream.unfilled == 0, "{summary:?}");
     assert_once_in_order(&fake, &lane);
 }
 
@@ -222,10 +223,10 @@ async fn connections_rotate_before_their_lifetime_without_gap_or_duplicate() {
     let fake = FakeBinance::start(RATE, &[], 0).await;
     let lane = Lane::new("rotation");
     let mut config = config(&fake, &lane);
-    config.connection_lifetime = Duration::from_millis(800);
+    config.stream.connection_lifetime = Duration::from_millis(800);
     let summary = run(&fake, &lane, config).await;
-    assert!(summary.rotations >= 2, "{summary:?}");
-    assert_eq!((summary.reconnects, summary.rest_requests, summary.unfilled), (0, 0, 0), "{summary:?}");
+    assert!(summary.stream.rotations >= 2, "{summary:?}");
+    assert_eq!((summary.stream.reconnects, summary.stream.rest_requests, summary.stream.unfilled), (0, 0, 0), "{summary:?}");
     assert_eq!(summary.published, fake.total() as u64);
     assert_once_in_order(&fake, &lane);
 }
@@ -256,14 +257,24 @@ async fn a_restarted_producer_backfills_from_the_topic_tail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_symbols_are_spread_over_several_connections() {
-    // Two symbols, one stream per connection: two connections.
+async fn many_symbols_are_spread_over_connections_and_subscribed_at_most_five_requests_a_second() {
+    // 1,100 symbols (two with trades, the rest quiet): 1,024 streams on the
+    // first connection in six paced SUBSCRIBE requests, 76 on the second.
     let fake = FakeBinance::start(RATE, &[], 0).await;
     let lane = Lane::new("split");
     let mut config = config(&fake, &lane);
-    config.streams_per_connection = 1;
+    config.stream.symbols.extend((0..1098).map(|i| format!("QUIET{i}USDT")));
     let summary = run(&fake, &lane, config).await;
-    assert_eq!(fake.seen().subscriptions, 2);
+    let seen = fake.seen();
+    assert_eq!((seen.connections, seen.subscriptions), (2, 2));
+    let mut counts: Vec<usize> = seen.requests.values().map(Vec::len).collect();
+    counts.sort();
+    assert_eq!(counts, [1, 6]);
+    for times in seen.requests.values() {
+        for window in times.windows(6) {
+            assert!(window[5] - window[0] > Duration::from_secs(1), "more than five requests within a second: {times:?}");
+        }
+    }
     assert_eq!(summary.published, fake.total() as u64);
     assert_once_in_order(&fake, &lane);
 }

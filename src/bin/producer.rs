@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::Parser;
 use cryptopulse::cli::{self, KafkaArgs};
 use cryptopulse::producer::rest::RestLimits;
-use cryptopulse::producer::{self, ProducerConfig, DEFAULT_GAPS_TOPIC, DEFAULT_REST_URL, DEFAULT_WS_URL, MAX_STREAMS_PER_CONNECTION};
+use cryptopulse::producer::{
+    self, ProducerConfig, StreamConfig, DEFAULT_GAPS_TOPIC, DEFAULT_REST_URL, DEFAULT_WS_URL, MAX_STREAMS_PER_CONNECTION,
+};
 
 /// Subscribes to Binance `<symbol>@trade` streams and publishes every trade
 /// to Kafka, keyed by symbol, each symbol in id order without holes.
@@ -56,14 +58,15 @@ async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
     let symbols = args.symbols.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect();
-    let mut config = ProducerConfig::new(args.kafka, symbols, &args.ws_url, &args.rest_url);
+    let mut stream = StreamConfig::new(symbols, &args.ws_url, &args.rest_url);
+    stream.streams_per_connection = args.streams_per_connection;
+    stream.silence_timeout = args.silence_timeout;
+    stream.connection_lifetime = args.connection_lifetime;
+    stream.max_frame_bytes = args.max_frame_bytes;
+    stream.rest_limits = RestLimits { weight_per_minute: args.rest_weight_per_minute, ..RestLimits::default() };
+    stream.max_gap_fill = args.max_gap_fill;
+    let mut config = ProducerConfig::new(args.kafka, stream);
     config.gaps_topic = args.gaps_topic;
-    config.streams_per_connection = args.streams_per_connection;
-    config.silence_timeout = args.silence_timeout;
-    config.connection_lifetime = args.connection_lifetime;
-    config.max_frame_bytes = args.max_frame_bytes;
-    config.rest_limits = RestLimits { weight_per_minute: args.rest_weight_per_minute, ..RestLimits::default() };
-    config.max_gap_fill = args.max_gap_fill;
     config.tail_scan_records = args.tail_scan_records;
     let summary = producer::run(config, cli::shutdown_signal()).await.context("producer failed")?;
     println!("{summary:?}");

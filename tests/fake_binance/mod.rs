@@ -9,7 +9,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::BufRead;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,6 +63,8 @@ pub struct Seen {
     pub pongs: usize,
     pub rest_requests: usize,
     pub rest_throttled: usize,
+    /// When each connection's client sent each of its text messages.
+    pub requests: HashMap<usize, Vec<std::time::Instant>>,
 }
 
 struct Shared {
@@ -240,12 +242,18 @@ async fn rest(shared: Arc<Shared>, mut stream: TcpStream) {
 async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
     let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
     let behaviour = shared.script.lock().unwrap().pop_front().unwrap_or(Behaviour::Stream);
-    shared.seen.lock().unwrap().connections += 1;
+    let connection = {
+        let mut seen = shared.seen.lock().unwrap();
+        seen.connections += 1;
+        seen.connections
+    };
+    let heard = move |shared: &Shared| shared.seen.lock().unwrap().requests.entry(connection).or_default().push(std::time::Instant::now());
     let (mut sink, mut source) = ws.split();
     // The first message must be the SUBSCRIBE request.
-    let streams: Vec<String> = loop {
+    let streams: Arc<Mutex<HashSet<String>>> = loop {
         match source.next().await {
             Some(Ok(Message::Text(text))) => {
+                heard(&shared);
                 let request: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
                 assert_eq!(request["method"], "SUBSCRIBE", "{text}");
                 let id = request["id"].clone();
@@ -257,7 +265,7 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
                     return;
                 }
                 let _ = sink.send(Message::text(serde_json::json!({ "result": null, "id": id }).to_string())).await;
-                break request["params"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+                break Arc::new(Mutex::new(request["params"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()));
             }
             Some(Ok(_)) => continue,
             _ => return,
@@ -268,10 +276,16 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
         seen.subscriptions += 1;
     }
     start_clock(&shared);
-    // Pongs and the client's close are read beside the sending.
-    let counting = shared.clone();
+    // Pongs, further SUBSCRIBE requests and the client's close are read
+    // beside the sending.
+    let (counting, subscribed) = (shared.clone(), streams.clone());
     let reader = tokio::spawn(async move {
         while let Some(Ok(message)) = source.next().await {
+            if let Message::Text(text) = &message {
+                heard(&counting);
+                let request: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                subscribed.lock().unwrap().extend(request["params"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()));
+            }
             if message.is_pong() && message.clone().into_data().as_ref() != KEEPALIVE.as_bytes() {
                 counting.seen.lock().unwrap().pongs += 1;
             }
@@ -282,12 +296,13 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
     let mut sent = 0usize;
     let mut acted = false;
     let mut close_at = None;
+    let mut keepalive = tokio::time::interval(Duration::from_millis(500));
     loop {
         let upto = *released.borrow_and_update();
         while next < upto {
             let frame = &shared.frames[next];
             next += 1;
-            if !streams.contains(&frame.stream) {
+            if !streams.lock().unwrap().contains(&frame.stream) {
                 continue;
             }
             if sink.send(Message::text(frame.text.clone())).await.is_err() {
@@ -332,7 +347,8 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
                 _ => false,
             };
         }
-        // Like Binance, pings an idle connection (more often, for short tests).
+        // Like Binance, pings every connection now and then (more often, for
+        // short tests), whether it carries trades or not.
         let closing = async {
             match close_at {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -345,7 +361,7 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
                 let _ = sink.close().await;
                 return;
             }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+            _ = keepalive.tick() => {
                 if sink.send(Message::Ping(KEEPALIVE.as_bytes().to_vec().into())).await.is_err() {
                     return;
                 }
