@@ -103,6 +103,17 @@ impl ArchiveWriter {
         self.rows
     }
 
+    /// The final name of the archive.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes the file holds so far, counting the row group still in memory
+    /// at its estimated encoded size.
+    pub fn bytes(&self) -> u64 {
+        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
+    }
+
     /// Writes the metadata, syncs and moves the file to its final name.
     pub fn finish(mut self) -> Result<ArchiveSummary> {
         let summary =

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::producer::{self, rest::RestLimits, StreamConfig};
 use crate::window::{WindowConfig, DEFAULT_BAR_MS, DEFAULT_RSI_PERIOD, DEFAULT_VWAP_MS};
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
@@ -116,6 +117,52 @@ pub fn read_properties(text: &str) -> Result<Vec<(String, String)>, String> {
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(|line| parse_key_value(line).map(|(key, value)| (key, value.trim().to_owned())))
         .collect()
+}
+
+/// The live Binance source: what `producer` and `record --ws` follow.
+#[derive(Args, Debug, Clone)]
+pub struct StreamArgs {
+    /// Symbols to follow, comma-separated.
+    #[arg(long, env = "CRYPTOPULSE_SYMBOLS", value_delimiter = ',', default_value = "BTCUSDT,ETHUSDT")]
+    pub symbols: Vec<String>,
+    /// WebSocket base URL (Binance, `wss://data-stream.binance.vision`, the testnet or a local server).
+    #[arg(long, env = "CRYPTOPULSE_WS_URL", default_value = producer::DEFAULT_WS_URL)]
+    pub ws_url: String,
+    /// REST base URL for filling gaps (`/api/v3/historicalTrades`).
+    #[arg(long, env = "CRYPTOPULSE_REST_URL", default_value = producer::DEFAULT_REST_URL)]
+    pub rest_url: String,
+    /// Streams per WebSocket connection (Binance allows 1024).
+    #[arg(long, env = "CRYPTOPULSE_STREAMS_PER_CONNECTION", default_value_t = producer::MAX_STREAMS_PER_CONNECTION)]
+    pub streams_per_connection: usize,
+    /// Reconnect after this long without data or ping.
+    #[arg(long, env = "CRYPTOPULSE_SILENCE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub silence_timeout: Duration,
+    /// Replace each connection after this long, before Binance's 24-hour cut.
+    #[arg(long, env = "CRYPTOPULSE_CONNECTION_LIFETIME", default_value = "23h", value_parser = humantime::parse_duration)]
+    pub connection_lifetime: Duration,
+    /// Largest WebSocket frame accepted, in bytes.
+    #[arg(long, env = "CRYPTOPULSE_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+    /// REST request weight to spend per minute at most (Binance allows 6000).
+    #[arg(long, env = "CRYPTOPULSE_REST_WEIGHT_PER_MINUTE", default_value_t = 5000)]
+    pub rest_weight_per_minute: u32,
+    /// Most trades fetched over REST for one gap.
+    #[arg(long, env = "CRYPTOPULSE_MAX_GAP_FILL", default_value_t = 1_000_000)]
+    pub max_gap_fill: i64,
+}
+
+impl StreamArgs {
+    pub fn config(&self) -> StreamConfig {
+        let symbols = self.symbols.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect();
+        let mut config = StreamConfig::new(symbols, &self.ws_url, &self.rest_url);
+        config.streams_per_connection = self.streams_per_connection;
+        config.silence_timeout = self.silence_timeout;
+        config.connection_lifetime = self.connection_lifetime;
+        config.max_frame_bytes = self.max_frame_bytes;
+        config.rest_limits = RestLimits { weight_per_minute: self.rest_weight_per_minute, ..RestLimits::default() };
+        config.max_gap_fill = self.max_gap_fill;
+        config
+    }
 }
 
 /// Logging for the binaries: `RUST_LOG` or INFO, to stderr.

@@ -1,12 +1,22 @@
 //! `record` on files of frames: archives with the right metadata, rejects
-//! written beside them, and no half-written file under a final name.
+//! written beside them, and no half-written file under a final name. And
+//! on the live sources: Binance's streams (a fake one here) with the gap
+//! filled from REST, and the Kafka topic, both rotating archives.
 
+mod common;
+mod fake_binance;
+
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
+use common::{wait_for, Lane};
 use cryptopulse::archive::{self, ArchiveSummary, ArchiveWriter, SymbolIds};
-use cryptopulse::record;
+use cryptopulse::producer::StreamConfig;
+use cryptopulse::record::{self, live};
 use cryptopulse::trade::TradeColumns;
+use fake_binance::{Behaviour, FakeBinance};
 
 const FRAMES: &str = "fixtures/binance-spot-trades-2024-08-08.txt.gz";
 
@@ -67,4 +77,97 @@ fn an_unfinished_archive_never_appears_under_its_final_name() {
     writer.write(&batch).unwrap();
     assert_eq!(writer.finish().unwrap().rows, 100);
     assert!(path.exists());
+}
+
+/// The live archives of `dir` in the order they were opened, and the trade
+/// ids of each symbol across them in that order.
+fn live_archives(dir: &Path) -> (usize, HashMap<String, Vec<i64>>) {
+    let mut names: Vec<(u128, u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?.to_owned();
+            let stem = name.strip_prefix("trades-")?.strip_suffix(".parquet")?;
+            let (ms, n) = stem.split_once('-')?;
+            Some((ms.parse().ok()?, n.parse().ok()?, path))
+        })
+        .collect();
+    names.sort();
+    let mut ids: HashMap<String, Vec<i64>> = HashMap::new();
+    for (_, _, path) in &names {
+        for batch in archive::open(path, 4096).unwrap() {
+            let batch = batch.unwrap();
+            let cols = TradeColumns::new(&batch).unwrap();
+            for row in 0..batch.num_rows() {
+                ids.entry(cols.symbol_at(row).to_owned()).or_default().push(cols.id.value(row));
+            }
+        }
+    }
+    (names.len(), ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_the_live_streams_fills_the_gap_from_rest_and_rotates() {
+    let fake = FakeBinance::start(5000, &[Behaviour::Drop { after: 3000 }], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StreamConfig::new(fake.symbols(), &fake.ws_url, &fake.rest_url);
+    config.silence_timeout = Duration::from_secs(2);
+    let rotation = live::Rotation { max_bytes: 128 << 10, max_age: Duration::from_millis(500) };
+    let total = fake.total();
+    let path = dir.path().to_owned();
+    // Stops once the completed archives hold every trade: the last one is
+    // closed by age although no trade follows.
+    let done = async move {
+        wait_for(|| {
+            let path = path.clone();
+            async move { live_archives(&path).1.values().map(Vec::len).sum::<usize>() >= total }
+        })
+        .await
+    };
+    let recorded = live::record_stream(&config, dir.path(), rotation, done).await.expect("record");
+    assert_eq!(recorded.stream.reconnects, 1, "{recorded:?}");
+    assert!(recorded.stream.rest_requests >= 1, "the gap was filled from REST: {recorded:?}");
+    assert_eq!((recorded.unfilled, recorded.rejected, recorded.duplicates), (0, 0, 0));
+    let (files, ids) = live_archives(dir.path());
+    assert!(files >= 2, "rotated into {files} archives");
+    assert_eq!(files, recorded.archives.len());
+    assert_eq!(ids, fake.ids(), "every trade once, in id order per symbol");
+    assert!(!dir.path().join("gaps.jsonl").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_the_topic_leaves_duplicates_out_and_resumes_from_committed_offsets() {
+    let lane = Lane::new("record-topic");
+    // The fixtures twice: every trade arrives a second time.
+    lane.replay(None, None).await;
+    lane.replay(None, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rotation = live::Rotation { max_bytes: 128 << 10, max_age: Duration::from_secs(3600) };
+    let group = format!("{}-record", lane.name);
+    let (kafka, path) = (lane.kafka.clone(), dir.path().to_owned());
+    let stop = cryptopulse::kafka::stop_flag();
+    let first = tokio::task::spawn_blocking(move || live::record_topic(&kafka, &group, &path, rotation, true, &stop))
+        .await
+        .unwrap()
+        .expect("record");
+    let rows: u64 = first.archives.iter().map(|(_, s)| s.rows).sum();
+    assert_eq!((rows, first.duplicates, first.rejected, first.unfilled), (15_863, 15_863, 0, 0));
+    assert!(first.archives.len() >= 2, "rotated by size");
+    let (_, ids) = live_archives(dir.path());
+    let mut want: HashMap<String, Vec<i64>> = HashMap::new();
+    for symbol in ["BTCUSDT", "ETHUSDT"] {
+        let summary = ArchiveSummary::read(Path::new(common::ARCHIVE)).unwrap();
+        let range = &summary.symbols[symbol];
+        want.insert(symbol.to_owned(), (range.first..=range.last).collect());
+    }
+    assert_eq!(ids, want);
+
+    // Offsets were committed: a second run finds nothing new.
+    let (kafka, group, path) = (lane.kafka.clone(), format!("{}-record", lane.name), dir.path().to_owned());
+    let stop = cryptopulse::kafka::stop_flag();
+    let second = tokio::task::spawn_blocking(move || live::record_topic(&kafka, &group, &path, rotation, true, &stop))
+        .await
+        .unwrap()
+        .expect("record");
+    assert_eq!((second.archives.len(), second.duplicates), (0, 0));
 }

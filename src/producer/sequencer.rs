@@ -32,6 +32,10 @@ pub trait Sink {
     fn dead_letter(&mut self, reason: &str, detail: &str, raw: &[u8]) -> impl Future<Output = Result<()>> + Send;
     /// Ids `from..=to` of `symbol` that cannot be had.
     fn gap(&mut self, symbol: &str, from: i64, to: i64, why: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Called about once a second, trades or not (time-based work).
+    fn idle(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// The live source: endpoints, symbols, and how patient to be.
@@ -146,14 +150,22 @@ impl<S: Sink> Sequencer<'_, S> {
         for (symbol, id) in known {
             self.fill(&symbol, id + 1, None).await?;
         }
-        while let Some(event) = frames.recv().await {
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let event = tokio::select! {
+                event = frames.recv() => event,
+                _ = second.tick() => {
+                    self.sink.idle().await?;
+                    continue;
+                }
+            };
             match event {
-                Event::Frame(text) => self.on_frame(&text).await?,
-                Event::Lost { .. } => self.counts.reconnects += 1,
-                Event::Rotated { .. } => self.counts.rotations += 1,
+                Some(Event::Frame(text)) => self.on_frame(&text).await?,
+                Some(Event::Lost { .. }) => self.counts.reconnects += 1,
+                Some(Event::Rotated { .. }) => self.counts.rotations += 1,
+                None => return Ok(()),
             }
         }
-        Ok(())
     }
 
     async fn on_frame(&mut self, text: &str) -> Result<()> {

@@ -3,6 +3,9 @@
 //! bare combined-stream frames, or bare trade events, one per line, plain or
 //! gzip. Lines that are not valid trades are counted, reported and written
 //! beside the archive as `<name>.rejects.jsonl`; none is dropped silently.
+//! The live sources (Binance's streams, the Kafka topic) are in [`live`].
+
+pub mod live;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -39,7 +42,7 @@ fn record_file(input: &Path, out: &Path) -> Result<Recorded> {
     let output = out.join(format!("{}.parquet", stem(input)));
     let rejects_path = out.join(format!("{}.rejects.jsonl", stem(input)));
     let mut writer = ArchiveWriter::create(&output)?;
-    let mut rejects = Rejects { path: rejects_path, file: None, count: 0 };
+    let mut rejects = Rejects { lines: JsonLines::new(rejects_path, false), count: 0 };
     let mut builder = TradeBatchBuilder::with_capacity(BATCH_ROWS);
     let mut other_frames = 0;
     for (index, line) in open_lines(input)?.lines().enumerate() {
@@ -63,6 +66,7 @@ fn record_file(input: &Path, out: &Path) -> Result<Recorded> {
         writer.write(&builder.finish()?)?;
     }
     let summary = writer.finish()?;
+    rejects.lines.flush()?;
     info!(input = %input.display(), output = %output.display(), trades = summary.rows, rejected = rejects.count, "recorded");
     Ok(Recorded { input: input.to_owned(), output, summary, other_frames, rejected: rejects.count })
 }
@@ -76,8 +80,7 @@ fn parse_line(line: &str) -> Result<Option<&[u8]>, Rejection> {
 }
 
 struct Rejects {
-    path: PathBuf,
-    file: Option<BufWriter<File>>,
+    lines: JsonLines,
     count: u64,
 }
 
@@ -85,17 +88,48 @@ impl Rejects {
     fn add(&mut self, line_number: usize, line: &str, rejection: &Rejection) -> Result<()> {
         self.count += 1;
         if self.count <= 10 {
-            warn!(path = %self.path.display(), line = line_number, reason = %rejection.reason, detail = %rejection.detail, "line is not a valid trade");
+            warn!(path = %self.lines.path.display(), line = line_number, reason = %rejection.reason, detail = %rejection.detail, "line is not a valid trade");
         }
+        self.lines
+            .write(&serde_json::json!({"line": line_number, "reason": rejection.reason.as_str(), "detail": rejection.detail, "raw": line}))
+    }
+}
+
+/// A JSON-lines file beside the archives, created on the first line.
+pub(crate) struct JsonLines {
+    path: PathBuf,
+    /// Add to an existing file rather than replace it.
+    append: bool,
+    file: Option<BufWriter<File>>,
+}
+
+impl JsonLines {
+    pub(crate) fn new(path: PathBuf, append: bool) -> Self {
+        JsonLines { path, append, file: None }
+    }
+
+    pub(crate) fn write(&mut self, record: &serde_json::Value) -> Result<()> {
         if self.file.is_none() {
-            let file = File::create(&self.path).map_err(|e| Error::io(&self.path, e))?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(self.append)
+                .truncate(!self.append)
+                .open(&self.path)
+                .map_err(|e| Error::io(&self.path, e))?;
             self.file = Some(BufWriter::new(file));
         }
-        let record = serde_json::json!({"line": line_number, "reason": rejection.reason.as_str(), "detail": rejection.detail, "raw": line});
         if let Some(file) = &mut self.file {
             writeln!(file, "{record}").map_err(|e| Error::io(&self.path, e))?;
         }
         Ok(())
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush().map_err(|e| Error::io(&self.path, e)),
+            None => Ok(()),
+        }
     }
 }
 
