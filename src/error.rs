@@ -56,6 +56,9 @@ pub enum Error {
     /// flushed): its marker key is gone.
     #[error("redis lost the data under prefix {prefix:?} (its marker key is gone: restarted empty or flushed)")]
     RedisDataLost { prefix: String },
+    /// The Prometheus exporter could not start (address in use, ...).
+    #[error("metrics on {addr}: {reason}")]
+    Metrics { addr: std::net::SocketAddr, reason: String },
     /// The configuration given cannot work.
     #[error("configuration: {0}")]
     Config(String),

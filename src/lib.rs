@@ -18,6 +18,7 @@
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
 //! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
+//! | health    | [`metrics`] (Prometheus names and exporter) |
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +32,7 @@ pub mod digest;
 pub mod error;
 pub mod faults;
 pub mod kafka;
+pub mod metrics;
 pub mod pipeline;
 pub mod producer;
 pub mod record;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs};
+use cryptopulse::cli::{self, KafkaArgs, MetricsArgs};
 use cryptopulse::producer::{self, ProducerConfig, DEFAULT_WS_URL};
 
 /// Subscribes to Binance `<symbol>@trade` streams and publishes every trade to Kafka.
@@ -13,6 +13,8 @@ use cryptopulse::producer::{self, ProducerConfig, DEFAULT_WS_URL};
 struct Cli {
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Symbols to follow, comma-separated.
     #[arg(long, env = "CRYPTOPULSE_SYMBOLS", value_delimiter = ',', default_value = "BTCUSDT,ETHUSDT")]
     symbols: Vec<String>,
@@ -31,6 +33,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
+    cryptopulse::metrics::install(args.metrics.metrics_addr)?;
     let config = ProducerConfig {
         kafka: args.kafka,
         ws_url: args.ws_url,
