@@ -18,7 +18,7 @@
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
 //! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
-//! | health    | [`metrics`] (Prometheus names and exporter) |
+//! | health    | [`metrics`] (Prometheus names and exporter), [`doctor`] (service checks) |
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ pub mod cli;
 pub mod crashtest;
 pub mod decimal;
 pub mod digest;
+pub mod doctor;
 pub mod error;
 pub mod faults;
 pub mod kafka;
