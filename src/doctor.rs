@@ -226,10 +226,18 @@ fn check_prometheus(url: &str, timeout: Duration) -> Vec<Check> {
     let down: Vec<String> = targets
         .iter()
         .filter(|t| t["health"] != "up")
-        .map(|t| format!("{} is {} ({})", describe(t), t["health"].as_str().unwrap_or("?"), t["lastError"].as_str().unwrap_or("")))
+        .map(|t| match (t["health"].as_str().unwrap_or("?"), t["lastError"].as_str().unwrap_or("")) {
+            ("unknown", _) => format!("{} not scraped yet", describe(t)),
+            (health, "") => format!("{} is {health}", describe(t)),
+            (health, error) => format!("{} is {health} ({error})", describe(t)),
+        })
         .collect();
     let check = if targets.is_empty() {
-        Check::fail("prometheus", "no scrape targets", "load the repository's prometheus/prometheus.yml")
+        Check::fail(
+            "prometheus",
+            "no scrape targets",
+            "load the repository's prometheus/prometheus.yml (right after a start, try again in a few seconds)",
+        )
     } else if down.is_empty() {
         let up: Vec<String> = targets.iter().map(describe).collect();
         Check::pass("prometheus", format!("{} target(s) up: {}", targets.len(), up.join(", ")))
