@@ -29,7 +29,7 @@ fn spawn_producer(lane: &Lane, addr: std::net::SocketAddr) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_producer"))
         .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
         .args(["--ws-url", &format!("ws://{}", free_addr()), "--metrics-addr", &addr.to_string()])
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", "warn,cryptopulse::producer=error")
         .stdout(Stdio::null())
         .spawn()
         .expect("producer binary");
@@ -71,10 +71,11 @@ async fn prometheus_scrapes_what_the_consumer_did() {
         }
     })
     .await;
+    // Prometheus may add the second job's target one discovery round (5 s) after the first.
     let done = now_secs() + 2.5;
     wait_for(|| {
-        let newest = prometheus.query(r#"timestamp(up{job="consumer"})"#).first().map_or(0.0, |r| r.1);
-        async move { newest > done }
+        let scrapes = prometheus.query("timestamp(up)");
+        async move { scrapes.len() == 2 && scrapes.iter().all(|(_, at)| *at > done) }
     })
     .await;
 
@@ -110,4 +111,24 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     assert_eq!(within_a_minute, 0.0);
     let p99 = prometheus.value(&format!(r#"histogram_quantile(0.99, sum by (le) ({}_bucket{{job="consumer"}}))"#, m::BAR_LATENCY_SECONDS));
     assert!(p99 > 0.0 && p99.is_finite(), "bar latency p99 {p99}");
+}
+
+#[test]
+fn a_metrics_port_in_use_stops_either_service_with_the_address_in_the_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = format!("--state-dir={}", state.path().display());
+    for (binary, extra) in [(env!("CARGO_BIN_EXE_consumer"), Some(state_dir.as_str())), (env!("CARGO_BIN_EXE_producer"), None)] {
+        // Nothing listens on the broker port either: were the exporter not
+        // the first thing to fail, the service would stop on that instead.
+        let output = Command::new(binary)
+            .args(["--metrics-addr", &addr, "--brokers", &free_addr().to_string()])
+            .args(extra)
+            .output()
+            .expect("binary");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{binary}: {stderr}");
+        assert!(stderr.contains(&format!("metrics on {addr}")), "{binary}: {stderr}");
+    }
 }
