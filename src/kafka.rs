@@ -376,3 +376,37 @@ fn is_fatal(error: &KafkaError) -> bool {
 pub fn stop_flag() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::Partition;
+
+    /// librdkafka's value for an offset it does not know (`RD_KAFKA_OFFSET_INVALID`).
+    const INVALID: i64 = -1001;
+
+    #[test]
+    fn lag_is_the_high_watermark_minus_the_next_offset_handed_out() {
+        let stats = |partition, lo_offset, hi_offset, committed_offset, app_offset| Partition {
+            partition,
+            lo_offset,
+            hi_offset,
+            committed_offset,
+            app_offset,
+            ..Default::default()
+        };
+        for (stats, lag) in [
+            (stats(0, 0, 500, 100, 420), Some(80)),
+            (stats(1, 0, 500, 100, INVALID), Some(400)),
+            (stats(2, 7, 500, INVALID, INVALID), Some(493)),
+            (stats(3, 0, 0, INVALID, INVALID), Some(0)),
+            (stats(4, 0, 500, INVALID, 500), Some(0)),
+            // A watermark older than the position (a stale statistic) is no negative lag.
+            (stats(5, 0, 400, INVALID, 420), Some(0)),
+            (stats(-1, 0, 500, INVALID, INVALID), None),
+            (stats(0, INVALID, INVALID, INVALID, INVALID), None),
+        ] {
+            assert_eq!(partition_lag(&stats), lag, "{stats:?}");
+        }
+    }
+}
