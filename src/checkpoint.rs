@@ -99,7 +99,10 @@ impl CheckpointStore {
             batch.put_cf(cf, partition.to_be_bytes(), bytes);
         }
         crate::faults::crash_point("inside_checkpoint");
-        self.write(batch)
+        let started = std::time::Instant::now();
+        self.write(batch)?;
+        metrics::histogram!(crate::metrics::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     fn write(&self, batch: WriteBatch) -> Result<()> {

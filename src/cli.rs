@@ -83,6 +83,14 @@ impl RedisArgs {
     }
 }
 
+/// Where the Prometheus endpoint listens, if anywhere.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics; off when absent.
+    #[arg(long, env = "CRYPTOPULSE_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
 /// Window widths and the RSI period (SPEC §4).
 #[derive(Args, Debug, Clone)]
 pub struct WindowArgs {

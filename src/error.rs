@@ -59,6 +59,9 @@ pub enum Error {
     /// Binance's WebSocket or REST endpoint failed, or answered with an error.
     #[error("binance: {context}: {detail}")]
     Binance { context: String, detail: String },
+    /// The Prometheus exporter could not start (address in use, ...).
+    #[error("metrics on {addr}: {reason}")]
+    Metrics { addr: std::net::SocketAddr, reason: String },
     /// The configuration given cannot work.
     #[error("configuration: {0}")]
     Config(String),

@@ -100,8 +100,12 @@ impl KafkaArgs {
 }
 
 /// Client context of the consumer: routes librdkafka's errors to tracing,
-/// leaving out the end-of-partition events the source asks for.
-pub struct SourceContext;
+/// leaving out the end-of-partition events the source asks for, and turns
+/// its statistics (when `statistics.interval.ms` is set) into the lag gauge.
+pub struct SourceContext {
+    /// The raw topic, whose partitions' lag is reported.
+    pub topic: String,
+}
 
 impl rdkafka::ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -109,6 +113,28 @@ impl rdkafka::ClientContext for SourceContext {
             warn!(%error, reason, "kafka client error");
         }
     }
+
+    /// Runs on the polling thread, once per statistics interval.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        for (partition, stats) in &topic.partitions {
+            if let Some(lag) = partition_lag(stats) {
+                crate::metrics::set_lag(*partition, lag);
+            }
+        }
+    }
+}
+
+/// High watermark minus the next offset the consumer hands out: librdkafka's
+/// `app_offset`, or before the first record the committed offset (the
+/// checkpoint's, committed for monitoring) or the log start. `None` for the
+/// internal partition -1 and before the watermark is known.
+fn partition_lag(stats: &rdkafka::statistics::Partition) -> Option<i64> {
+    if stats.partition < 0 || stats.hi_offset < 0 {
+        return None;
+    }
+    let next = [stats.app_offset, stats.committed_offset, stats.lo_offset].into_iter().find(|offset| *offset >= 0)?;
+    Some((stats.hi_offset - next).max(0))
 }
 
 impl rdkafka::consumer::ConsumerContext for SourceContext {}
@@ -215,6 +241,9 @@ pub enum SourceEvent {
     Batch {
         batches: Vec<PartitionBatch>,
         rejected: Vec<DeadLetter>,
+        /// When the first record of the round was polled: the bar latency
+        /// of the bars these records close is measured from here.
+        polled_at: Instant,
     },
     /// Every partition reached the end it had when the consumer started.
     End,
@@ -253,10 +282,8 @@ pub fn run_source(
             let _ = tx.blocking_send(SourceEvent::End);
             return Ok(());
         }
-        let (pending, rejected) = poll_round(consumer, options, &mut unfinished)?;
-        if pending.is_empty() && rejected.is_empty() {
-            continue;
-        }
+        let (pending, rejected, polled_at) = poll_round(consumer, options, &mut unfinished)?;
+        let Some(polled_at) = polled_at else { continue };
         crate::faults::crash_point("after_decode");
         let batches = pending
             .into_iter()
@@ -270,14 +297,15 @@ pub fn run_source(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if tx.blocking_send(SourceEvent::Batch { batches, rejected }).is_err() {
+        if tx.blocking_send(SourceEvent::Batch { batches, rejected, polled_at }).is_err() {
             return Ok(());
         }
     }
     Ok(())
 }
 
-type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>);
+/// The batches of a round, its rejects, and when its first record came.
+type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
 /// One batch: up to `max_rows` records or `linger` after the first one.
 fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &mut HashMap<i32, i64>) -> Result<Round> {
@@ -285,6 +313,7 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
     let mut rejected = Vec::new();
     let mut rows = 0;
     let mut deadline = None;
+    let mut first = None;
     while rows < options.max_rows {
         let timeout = match deadline {
             None => Duration::from_millis(100),
@@ -294,7 +323,7 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
             },
         };
         let message = match consumer.poll(timeout) {
-            None if deadline.is_none() => return Ok((pending, rejected)),
+            None if deadline.is_none() => return Ok((pending, rejected, first)),
             None => break,
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 unfinished.remove(&partition);
@@ -307,7 +336,8 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
             }
             Some(Ok(message)) => message,
         };
-        deadline.get_or_insert_with(|| Instant::now() + options.linger);
+        let polled = *first.get_or_insert_with(Instant::now);
+        deadline.get_or_insert(polled + options.linger);
         rows += 1;
         let (partition, offset) = (message.partition(), message.offset());
         if unfinished.get(&partition).is_some_and(|end| offset + 1 >= *end) {
@@ -335,7 +365,7 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
             }
         }
     }
-    Ok((pending, rejected))
+    Ok((pending, rejected, first))
 }
 
 /// Errors after which reading on would lose or skip data.
@@ -354,4 +384,38 @@ fn is_fatal(error: &KafkaError) -> bool {
 /// Shares a flag between the consumer loop and the source thread.
 pub fn stop_flag() -> Arc<AtomicBool> {
     Arc::new(AtomicBool::new(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::Partition;
+
+    /// librdkafka's value for an offset it does not know (`RD_KAFKA_OFFSET_INVALID`).
+    const INVALID: i64 = -1001;
+
+    #[test]
+    fn lag_is_the_high_watermark_minus_the_next_offset_handed_out() {
+        let stats = |partition, lo_offset, hi_offset, committed_offset, app_offset| Partition {
+            partition,
+            lo_offset,
+            hi_offset,
+            committed_offset,
+            app_offset,
+            ..Default::default()
+        };
+        for (stats, lag) in [
+            (stats(0, 0, 500, 100, 420), Some(80)),
+            (stats(1, 0, 500, 100, INVALID), Some(400)),
+            (stats(2, 7, 500, INVALID, INVALID), Some(493)),
+            (stats(3, 0, 0, INVALID, INVALID), Some(0)),
+            (stats(4, 0, 500, INVALID, 500), Some(0)),
+            // A watermark older than the position (a stale statistic) is no negative lag.
+            (stats(5, 0, 400, INVALID, 420), Some(0)),
+            (stats(-1, 0, 500, INVALID, INVALID), None),
+            (stats(0, INVALID, INVALID, INVALID, INVALID), None),
+        ] {
+            assert_eq!(partition_lag(&stats), lag, "{stats:?}");
+        }
+    }
 }

@@ -18,6 +18,7 @@
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
 //! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
+//! | health    | [`metrics`] (Prometheus names and exporter), [`doctor`] (service checks) |
 
 #![forbid(unsafe_code)]
 
@@ -28,9 +29,11 @@ pub mod cli;
 pub mod crashtest;
 pub mod decimal;
 pub mod digest;
+pub mod doctor;
 pub mod error;
 pub mod faults;
 pub mod kafka;
+pub mod metrics;
 pub mod pipeline;
 pub mod producer;
 pub mod record;

@@ -23,6 +23,7 @@ use crate::faults;
 use crate::kafka::{
     self, DeadLetter, DeadLetters, PartitionBatch, SourceConsumer, SourceContext, SourceEvent, SourceOptions, REQUEST_TIMEOUT,
 };
+use crate::metrics::{self as health, ConsumerMetrics};
 use crate::sink::RedisSink;
 use crate::trade::TradeColumns;
 use crate::window::{Counts, WindowConfig};
@@ -59,6 +60,9 @@ pub struct Summary {
     /// Times the state was rewound because Redis lost the data.
     pub rebuilds: u32,
 }
+
+/// How often librdkafka reports statistics (and so the lag) with metrics on.
+const STATS_INTERVAL_MS: &str = "1000";
 
 /// How often Redis may lose its data in one run before the consumer gives up.
 const MAX_REBUILDS: u32 = 3;
@@ -129,6 +133,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
         last_checkpoint: Instant::now(),
         last_commit: None,
         summary: Summary::default(),
+        metrics: ConsumerMetrics::new(),
     };
     let result = consumer_loop.run(rx, shutdown).await;
     stop.store(true, Ordering::Relaxed);
@@ -171,7 +176,12 @@ async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {
 }
 
 fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
-    let mut client = config.kafka.config_with(&[("group.id", &config.group_id), ("fetch.wait.max.ms", "50")])?;
+    let mut defaults = vec![("group.id", config.group_id.as_str()), ("fetch.wait.max.ms", "50")];
+    if health::is_installed() {
+        // The lag gauge comes from librdkafka's statistics (SourceContext::stats).
+        defaults.push(("statistics.interval.ms", STATS_INTERVAL_MS));
+    }
+    let mut client = config.kafka.config_with(&defaults)?;
     // Not negotiable: offsets come from the checkpoint, and an offset the
     // broker no longer has is an error, never a silent jump.
     client
@@ -179,7 +189,7 @@ fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error");
-    client.create_with_context(SourceContext).map_err(|e| Error::kafka("create consumer", e))
+    client.create_with_context(SourceContext { topic: config.kafka.topic.clone() }).map_err(|e| Error::kafka("create consumer", e))
 }
 
 type Positions = (HashMap<i32, i64>, HashMap<i32, i64>);
@@ -225,6 +235,7 @@ struct Loop {
     last_checkpoint: Instant,
     last_commit: Option<Instant>,
     summary: Summary,
+    metrics: ConsumerMetrics,
 }
 
 impl Loop {
@@ -236,7 +247,7 @@ impl Loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 event = rx.recv() => match event {
-                    Some(SourceEvent::Batch { batches, rejected }) => self.on_batch(batches, rejected).await?,
+                    Some(SourceEvent::Batch { batches, rejected, polled_at }) => self.on_batch(batches, rejected, polled_at).await?,
                     Some(SourceEvent::End) | None => break,
                 },
                 _ = tick.tick() => self.on_tick().await?,
@@ -245,31 +256,37 @@ impl Loop {
         self.shutdown().await
     }
 
-    async fn on_batch(&mut self, batches: Vec<PartitionBatch>, rejected: Vec<DeadLetter>) -> Result<()> {
+    async fn on_batch(&mut self, batches: Vec<PartitionBatch>, rejected: Vec<DeadLetter>, polled_at: Instant) -> Result<()> {
         for letter in &rejected {
             self.partitions.entry(letter.partition).or_default().state.counts.rejected += 1;
             self.dead_letters.send(letter).await?;
+            health::dead_letter(letter.reason.as_str());
         }
         let mut bars = Vec::new();
+        let mut records = rejected.len() as u64;
         for batch in batches {
             let partition = self.partitions.entry(batch.partition).or_default();
+            let before = partition.state.counts.clone();
             let output = partition.state.apply(&batch.trades, &self.config.window)?;
+            count_applied(&self.metrics, &before, &partition.state.counts);
             partition.next_offset = batch.next_offset;
             self.dirty.insert(batch.partition);
-            self.summary.records += batch.offsets.len() as u64;
-            self.since_checkpoint += batch.offsets.len() as u64;
+            records += batch.offsets.len() as u64;
             if !output.late_rows.is_empty() {
                 let cols = TradeColumns::new(&batch.trades)?;
                 for row in output.late_rows {
                     self.dead_letters.send(&late_letter(&batch, &cols, row)).await?;
+                    health::dead_letter(Reject::Late.as_str());
                 }
             }
             bars.extend(output.bars);
         }
-        self.summary.records += rejected.len() as u64;
-        self.since_checkpoint += rejected.len() as u64;
+        self.summary.records += records;
+        self.since_checkpoint += records;
+        self.metrics.records.increment(records);
         faults::crash_point("after_state_update");
         self.sink.write(&bars).await?;
+        self.metrics.bars_written(&bars, polled_at);
         faults::crash_point("after_redis_write");
         if self.since_checkpoint >= self.config.checkpoint_records {
             self.checkpoint().await?;
@@ -279,6 +296,7 @@ impl Loop {
 
     async fn on_tick(&mut self) -> Result<()> {
         if let Some(idle) = self.config.idle_finalize {
+            let ticked = Instant::now();
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             let mut bars = Vec::new();
             for (partition, checkpoint) in &mut self.partitions {
@@ -289,6 +307,7 @@ impl Loop {
                 }
             }
             self.sink.write(&bars).await?;
+            self.metrics.bars_written(&bars, ticked);
         }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
             self.checkpoint().await?;
@@ -346,6 +365,13 @@ impl Loop {
         );
         Ok(())
     }
+}
+
+/// Per batch, not per trade: what `apply` added to a partition's counts.
+fn count_applied(metrics: &ConsumerMetrics, before: &Counts, after: &Counts) {
+    metrics.applied.increment(after.applied.saturating_sub(before.applied));
+    metrics.duplicates.increment(after.duplicates.saturating_sub(before.duplicates));
+    metrics.late.increment(after.late.saturating_sub(before.late));
 }
 
 fn late_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize) -> DeadLetter {

@@ -68,6 +68,8 @@ return 1
 /// The Redis side of the consumer.
 pub struct RedisSink {
     conn: ConnectionManager,
+    /// Time of each pipelined write that Redis answered.
+    write_seconds: metrics::Histogram,
     script: Script,
     keys: Keys,
     names: MetricNames,
@@ -117,7 +119,16 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
 impl RedisSink {
     pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
         let conn = connect(url).await?;
-        Ok(RedisSink { conn, script: Script::new(WRITE_BAR), keys: Keys { prefix: prefix.to_owned() }, names, retention_ms, retry_for })
+        let write_seconds = metrics::histogram!(crate::metrics::REDIS_WRITE_SECONDS);
+        Ok(RedisSink {
+            conn,
+            write_seconds,
+            script: Script::new(WRITE_BAR),
+            keys: Keys { prefix: prefix.to_owned() },
+            names,
+            retention_ms,
+            retry_for,
+        })
     }
 
     /// Checks that Redis still holds this consumer's data. `has_written`:
@@ -148,8 +159,12 @@ impl RedisSink {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
+            let attempt = Instant::now();
             match self.write_once(bars).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.write_seconds.record(attempt.elapsed().as_secs_f64());
+                    return Ok(());
+                }
                 Err(e) if e.is_retryable() && started.elapsed() < self.retry_for => {
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis write failed, retrying");
                     tokio::time::sleep(backoff).await;

@@ -1,9 +1,11 @@
-//! The Grafana dashboards against the data they show. Every panel query is
-//! sent to the real Redis exactly as the redis-datasource plugin (2.2.0)
-//! sends it, after the fixtures went through the pipeline, and the answer
-//! must have the shape its panel needs. Also static checks of `grafana/` and
-//! the compose file: one data source uid everywhere, the paths Grafana reads
-//! are the ones compose mounts, and no secret in the repository.
+//! The Grafana dashboards against the data they show. Every Redis panel
+//! query is sent to the real Redis exactly as the redis-datasource plugin
+//! (2.2.0) sends it, after the fixtures went through the pipeline, and the
+//! answer must have the shape its panel needs. Every Prometheus panel query
+//! names only metrics that `src/metrics.rs` declares. Also static checks of
+//! `grafana/` and the compose file: each dashboard on one provisioned data
+//! source, the paths Grafana reads are the ones compose mounts, and no
+//! secret in the repository.
 
 mod common;
 
@@ -18,6 +20,8 @@ use serde_json::Value;
 const PREFIX: &str = "cryptopulse";
 const DASHBOARDS: &str = "grafana/dashboards";
 const DATASOURCE: &str = "grafana/provisioning/datasources/redis.yaml";
+const PROMETHEUS_DATASOURCE: &str = "grafana/provisioning/datasources/prometheus.yaml";
+const DATASOURCES: &str = "grafana/provisioning/datasources";
 const DASHBOARD_PROVIDER: &str = "grafana/provisioning/dashboards/dashboards.yaml";
 const COMPOSE: &str = "docker-compose.yml";
 /// The only password value allowed in the repository: the documented default,
@@ -79,6 +83,45 @@ fn provisioned_uid() -> String {
     let uids = yaml_values(&text, "uid");
     assert_eq!(uids.len(), 1, "one provisioned data source with one uid: {uids:?}");
     uids[0].to_owned()
+}
+
+fn prometheus_uid() -> String {
+    let text = read(PROMETHEUS_DATASOURCE);
+    assert_eq!(yaml_values(&text, "type"), ["prometheus"]);
+    assert_eq!(yaml_values(&text, "url"), ["http://prometheus:9090"], "the compose service");
+    let uids = yaml_values(&text, "uid");
+    assert_eq!(uids.len(), 1, "one provisioned data source with one uid: {uids:?}");
+    uids[0].to_owned()
+}
+
+/// The uid of every data source provisioned from any file.
+fn all_provisioned_uids() -> BTreeSet<String> {
+    files_under(Path::new(DATASOURCES))
+        .iter()
+        .flat_map(|f| yaml_values(&read(f), "uid").into_iter().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The data source uids a dashboard's panels, targets and variables use.
+fn uids_used(dashboard: &Value) -> BTreeSet<String> {
+    let mut used = BTreeSet::new();
+    let mut add = |datasource: &Value| {
+        used.insert(datasource["uid"].as_str().unwrap_or("(none)").to_owned());
+    };
+    for panel in panels(&dashboard["panels"]).into_iter().filter(|p| !targets(p).is_empty()) {
+        add(&panel["datasource"]);
+        targets(panel).iter().for_each(|t| add(&t["datasource"]));
+    }
+    dashboard["templating"]["list"].as_array().into_iter().flatten().filter(|v| v["type"] == "query").for_each(|v| add(&v["datasource"]));
+    used
+}
+
+/// The dashboards drawn from Redis.
+fn redis_dashboards() -> Vec<(PathBuf, Value)> {
+    let uid = provisioned_uid();
+    let out: Vec<_> = dashboards().into_iter().filter(|(_, d)| uids_used(d).contains(&uid)).collect();
+    assert!(!out.is_empty(), "no Redis dashboard");
+    out
 }
 
 /// Every panel, the panels of collapsed rows included.
@@ -306,7 +349,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_panel_uses_the_provisioned_data_source_and_queries_this_test_can_replay() {
     let uid = provisioned_uid();
-    for (path, dashboard) in dashboards() {
+    for (path, dashboard) in redis_dashboards() {
         let mut problems = datasource_problems(&dashboard, &uid);
         let queries = panel_queries(&dashboard, &mut problems);
         assert!(problems.is_empty(), "{}:\n{}", path.display(), problems.join("\n"));
@@ -341,6 +384,7 @@ fn grafana_reads_what_compose_mounts_and_no_secret_is_in_the_repository() {
     assert_eq!(mount("./grafana/provisioning"), "/etc/grafana/provisioning");
 
     let mut files = files_under(Path::new("grafana"));
+    files.extend(files_under(Path::new("prometheus")));
     files.extend([COMPOSE, "Dockerfile", ".dockerignore"].map(PathBuf::from));
     for file in files {
         let found = secret_values(&read(&file));
@@ -361,7 +405,7 @@ async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
     let mut conn = lane.redis().await;
     let prefix = &lane.redis.target.prefix;
 
-    for (path, dashboard) in dashboards() {
+    for (path, dashboard) in redis_dashboards() {
         let mut problems = Vec::new();
         let queries = panel_queries(&dashboard, &mut problems);
         let (variable, default) = symbol_variable(&dashboard);
@@ -382,4 +426,108 @@ async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
             assert_eq!(found.len(), 1, "{found:?}");
         }
     }
+}
+
+/// PromQL functions and keywords the Pipeline dashboard may use.
+const PROMQL_WORDS: [&str; 10] = ["sum", "rate", "increase", "histogram_quantile", "by", "without", "max", "min", "avg", "le"];
+
+/// Metric names in a PromQL expression that `src/metrics.rs` does not
+/// declare (a histogram's `_bucket`, `_count` and `_sum` series count as
+/// declared), and words that are neither a known function nor a metric.
+fn undeclared_metrics(expr: &str) -> Vec<String> {
+    // Label matchers, ranges and strings hold label names and values, not metrics.
+    let mut plain = String::new();
+    let mut depth = 0;
+    for c in expr.chars() {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth -= 1,
+            _ if depth > 0 => {}
+            _ => plain.push(c),
+        }
+    }
+    let plain = plain.replace(['"', '\''], " ");
+    // `by (partition)`: label names, not metrics.
+    let mut words: Vec<&str> = Vec::new();
+    let mut skip_group = false;
+    for word in plain
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '(' || c == ')'))
+        .flat_map(|w| w.split_inclusive(['(', ')']))
+    {
+        let name = word.trim_matches(['(', ')']);
+        if skip_group {
+            skip_group = !word.contains(')');
+            continue;
+        }
+        if name == "by" || name == "without" {
+            skip_group = !word.contains(')');
+            continue;
+        }
+        if !name.is_empty() && !name.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+            words.push(name);
+        }
+    }
+    let declared = |name: &str| {
+        cryptopulse::metrics::ALL.contains(&name)
+            || ["_bucket", "_count", "_sum"].iter().any(|suffix| {
+                name.strip_suffix(suffix).is_some_and(|base| base.ends_with("_seconds") && cryptopulse::metrics::ALL.contains(&base))
+            })
+    };
+    words.into_iter().filter(|w| !PROMQL_WORDS.contains(w) && !declared(w)).map(str::to_owned).collect()
+}
+
+/// The PromQL of every target of a dashboard.
+fn expressions(dashboard: &Value) -> Vec<(String, String)> {
+    panels(&dashboard["panels"])
+        .into_iter()
+        .flat_map(|panel| targets(panel).iter().map(move |t| (title(panel), t["expr"].as_str().unwrap_or_default().to_owned())))
+        .collect()
+}
+
+#[test]
+fn every_dashboard_uses_one_provisioned_data_source() {
+    let provisioned = all_provisioned_uids();
+    assert_eq!(provisioned, BTreeSet::from([provisioned_uid(), prometheus_uid()]), "the data sources of {DATASOURCES}");
+    for (path, dashboard) in dashboards() {
+        let used = uids_used(&dashboard);
+        assert_eq!(used.len(), 1, "{}: one data source per dashboard, not {used:?}", path.display());
+        assert!(used.is_subset(&provisioned), "{}: {used:?} is not provisioned ({provisioned:?})", path.display());
+    }
+    let pipeline = dashboards().into_iter().map(|(_, d)| d).find(|d| d["uid"] == "cryptopulse-pipeline").expect("the Pipeline dashboard");
+    assert_eq!(pipeline["title"], "CryptoPulse Pipeline");
+    assert_eq!(uids_used(&pipeline), BTreeSet::from([prometheus_uid()]));
+    assert!(datasource_problems(&pipeline, &prometheus_uid()).is_empty());
+
+    // The check fails on a target of a data source nobody provisioned.
+    let mut broken = pipeline;
+    broken["panels"][1]["targets"][0]["datasource"]["uid"] = "elsewhere".into();
+    assert!(!uids_used(&broken).is_subset(&provisioned));
+    assert_eq!(datasource_problems(&broken, &prometheus_uid()).len(), 1);
+}
+
+#[test]
+fn the_pipeline_dashboard_queries_every_declared_metric_and_nothing_else() {
+    let pipeline = dashboards().into_iter().map(|(_, d)| d).find(|d| d["uid"] == "cryptopulse-pipeline").expect("the Pipeline dashboard");
+    let exprs = expressions(&pipeline);
+    assert!(!exprs.is_empty());
+    for (panel, expr) in &exprs {
+        assert!(expr.contains("cryptopulse_"), "{panel}: {expr:?} reads no cryptopulse metric");
+        let unknown = undeclared_metrics(expr);
+        assert!(unknown.is_empty(), "{panel}: {expr} names {unknown:?}, which src/metrics.rs does not declare");
+    }
+    // Every series the services export has a panel.
+    for name in cryptopulse::metrics::ALL {
+        assert!(exprs.iter().any(|(_, e)| e.contains(name)), "no panel shows {name}");
+    }
+    // Histograms are read as quantiles over their buckets, not as summaries.
+    for name in cryptopulse::metrics::ALL.iter().filter(|n| n.ends_with("_seconds")) {
+        assert!(exprs.iter().any(|(_, e)| e.starts_with("histogram_quantile(") && e.contains(&format!("{name}_bucket"))), "{name}");
+    }
+
+    // The check fails on a misspelt metric, one the code does not export, and an unknown function.
+    assert_eq!(undeclared_metrics("sum(rate(cryptopulse_bars_writen_total[1m]))"), ["cryptopulse_bars_writen_total"]);
+    assert_eq!(undeclared_metrics(r#"up{job="consumer"}"#), ["up"]);
+    assert_eq!(undeclared_metrics("sum by (partition) (deriv(cryptopulse_consumer_lag[5m]))"), ["deriv"]);
+    assert!(undeclared_metrics("histogram_quantile(0.99, sum by (le) (rate(cryptopulse_bar_latency_seconds_bucket[1m])))").is_empty());
+    assert_eq!(undeclared_metrics("cryptopulse_bars_written_total_bucket"), ["cryptopulse_bars_written_total_bucket"]);
 }

@@ -281,14 +281,56 @@ async fn many_symbols_are_spread_over_connections_and_subscribed_at_most_five_re
 
 /// The `producer` binary on `fake`, writing to `lane`.
 fn spawn_producer(fake: &FakeBinance, lane: &Lane) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_producer"))
+    producer_command(fake, lane).spawn().expect("producer binary")
+}
+
+fn producer_command(fake: &FakeBinance, lane: &Lane) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_producer"));
+    command
         .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
         .args(["--gaps-topic", &format!("{}.gaps", lane.name), "--symbols", &fake.symbols().join(",")])
         .args(["--ws-url", &fake.ws_url, "--rest-url", &fake.rest_url, "--silence-timeout", "2s"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("producer binary")
+        .env("RUST_LOG", std::env::var("PRODUCER_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(std::process::Stdio::null());
+    command
+}
+
+/// A child process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of each unlabelled series on a Prometheus text page.
+async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
+    let page = reqwest::get(format!("http://{addr}/metrics")).await.expect("metrics page").text().await.unwrap();
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .filter_map(|(name, value)| Some((name.to_owned(), value.trim().parse().ok()?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_reports_trades_reconnects_and_filled_gaps_as_metrics() {
+    use cryptopulse::metrics as m;
+    let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
+    let lane = Lane::new("producer-metrics");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let child = producer_command(&fake, &lane).args(["--metrics-addr", &addr.to_string()]).spawn().expect("producer binary");
+    let _child = KillOnDrop(child);
+    let total = fake.total() as f64;
+    wait_for(|| async move { scrape(addr).await.get(m::PRODUCER_TRADES) == Some(&total) }).await;
+    let metrics = scrape(addr).await;
+    assert_eq!(metrics[m::WS_RECONNECTS], 1.0, "{metrics:?}");
+    assert!(metrics[m::GAPS_FOUND] >= 1.0, "{metrics:?}");
+    assert!(metrics[m::GAP_TRADES_FILLED] >= 1.0, "{metrics:?}");
+    assert_eq!((metrics[m::GAP_TRADES_UNFILLED], metrics[m::PRODUCER_DEAD_LETTERS]), (0.0, 0.0), "{metrics:?}");
+    assert_once_in_order(&fake, &lane);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +339,7 @@ async fn sigkilled_producers_leave_the_same_redis_output_as_an_uninterrupted_run
     // About 10 s of trades; the producer is killed four times meanwhile.
     let fake = FakeBinance::start(1500, &[], 0).await;
     let lane = Lane::new("sigkill");
-    let mut child = spawn_producer(&fake, &lane);
+    let mut child = KillOnDrop(spawn_producer(&fake, &lane));
     // A symbol the topic has never seen starts with the first trade
     // streamed, so the first kill waits until both symbols were published.
     wait_for(|| {
@@ -310,9 +352,9 @@ async fn sigkilled_producers_leave_the_same_redis_output_as_an_uninterrupted_run
     for _ in 0..4 {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         tokio::time::sleep(Duration::from_millis(400 + (state >> 33) % 1600)).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaped");
-        child = spawn_producer(&fake, &lane);
+        child.0.kill().expect("SIGKILL");
+        child.0.wait().expect("reaped");
+        child = KillOnDrop(spawn_producer(&fake, &lane));
     }
     let total = fake.total();
     wait_for(|| {
@@ -328,9 +370,9 @@ async fn sigkilled_producers_leave_the_same_redis_output_as_an_uninterrupted_run
         }
     })
     .await;
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let status = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill");
     assert!(status.success());
-    assert!(child.wait().expect("reaped").success(), "the producer exits cleanly on SIGTERM (seed {seed})");
+    assert!(child.0.wait().expect("reaped").success(), "the producer exits cleanly on SIGTERM (seed {seed})");
 
     // Records a killed producer had in flight may be in the topic twice;
     // the ids, repeats removed, are the input's in order.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs, RedisArgs, WindowArgs, DEFAULT_STATE_DIR};
+use cryptopulse::cli::{self, KafkaArgs, MetricsArgs, RedisArgs, WindowArgs, DEFAULT_STATE_DIR};
 use cryptopulse::pipeline::{self, ConsumerConfig};
 
 /// Reads trades from Kafka and writes 1 s bars, VWAP and RSI to Redis, exactly once.
@@ -19,6 +19,8 @@ struct Cli {
     redis: RedisArgs,
     #[command(flatten)]
     window: WindowArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Directory of the RocksDB checkpoint store; one consumer each.
     #[arg(long, env = "CRYPTOPULSE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -50,6 +52,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
+    cryptopulse::metrics::install(args.metrics.metrics_addr)?;
     let config = ConsumerConfig {
         kafka: args.kafka,
         redis: args.redis,

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs, StreamArgs};
+use cryptopulse::cli::{self, KafkaArgs, MetricsArgs, StreamArgs};
 use cryptopulse::producer::{self, ProducerConfig, DEFAULT_GAPS_TOPIC};
 
 /// Subscribes to Binance `<symbol>@trade` streams and publishes every trade
@@ -12,6 +12,8 @@ use cryptopulse::producer::{self, ProducerConfig, DEFAULT_GAPS_TOPIC};
 struct Cli {
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     #[command(flatten)]
     stream: StreamArgs,
     /// Topic where id ranges that could not be filled are recorded.
@@ -27,6 +29,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
+    cryptopulse::metrics::install(args.metrics.metrics_addr)?;
     let mut config = ProducerConfig::new(args.kafka, args.stream.config());
     config.gaps_topic = args.gaps_topic;
     config.tail_scan_records = args.tail_scan_records;

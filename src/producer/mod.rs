@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
+use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -31,6 +32,7 @@ use tracing::info;
 
 use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
+use crate::metrics as m;
 pub use rest::DEFAULT_REST_URL;
 pub use sequencer::{Sink, StreamConfig, StreamCounts, MAX_STREAMS_PER_CONNECTION};
 
@@ -86,6 +88,11 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     let last = tokio::task::spawn_blocking(move || tail::last_ids(&kafka, &symbols, scan))
         .await
         .map_err(|e| Error::Config(format!("tail reader: {e}")))??;
+    for name in
+        [m::PRODUCER_TRADES, m::PRODUCER_DEAD_LETTERS, m::WS_RECONNECTS, m::GAPS_FOUND, m::GAP_TRADES_FILLED, m::GAP_TRADES_UNFILLED]
+    {
+        metrics::counter!(name).increment(0);
+    }
     let mut publisher = Publisher { producer, config: config.clone(), in_flight: VecDeque::new(), summary: ProducerSummary::default() };
     let streamed = sequencer::stream(&config.stream, last, &mut publisher, shutdown).await;
     // Whatever ended the run, what was sent is flushed and settled.
@@ -137,6 +144,13 @@ impl Sink for Publisher {
         let topic = self.config.gaps_topic.clone();
         self.send(&topic, Some(symbol), record.to_string().as_bytes(), None, None, Sent::Gap).await
     }
+
+    /// On a quiet stream, the last deliveries are counted within a second.
+    async fn idle(&mut self) -> Result<()> {
+        self.settle_ready()?;
+        metrics::gauge!(m::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
+        Ok(())
+    }
 }
 
 impl Publisher {
@@ -166,6 +180,8 @@ impl Publisher {
                     while self.in_flight.len() > IN_FLIGHT {
                         self.settle_oldest().await?;
                     }
+                    self.settle_ready()?;
+                    metrics::gauge!(m::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -177,17 +193,40 @@ impl Publisher {
         }
     }
 
-    /// Waits for the oldest delivery; a failed one is an error (after
-    /// librdkafka's own retries), never a silent loss.
+    /// Waits for the oldest delivery.
     async fn settle_oldest(&mut self) -> Result<()> {
         let Some((delivery, sent)) = self.in_flight.pop_front() else { return Ok(()) };
-        match delivery.await {
+        self.settled(delivery.await, sent)
+    }
+
+    /// Settles the deliveries already acknowledged, oldest first, without
+    /// waiting, so counts and metrics follow the broker closely.
+    fn settle_ready(&mut self) -> Result<()> {
+        while let Some((delivery, _)) = self.in_flight.front_mut() {
+            let Some(result) = delivery.now_or_never() else { break };
+            let (_, sent) = self.in_flight.pop_front().expect("front exists");
+            self.settled(result, sent)?;
+        }
+        Ok(())
+    }
+
+    /// Counts one delivery; a failed one is an error (after librdkafka's own
+    /// retries), never a silent loss.
+    fn settled(&mut self, result: <DeliveryFuture as Future>::Output, sent: Sent) -> Result<()> {
+        match result {
             Ok(Ok(_)) => match sent {
                 Sent::Trade { from_rest } => {
                     self.summary.published += 1;
-                    self.summary.from_rest += u64::from(from_rest);
+                    metrics::counter!(m::PRODUCER_TRADES).increment(1);
+                    if from_rest {
+                        self.summary.from_rest += 1;
+                        metrics::counter!(m::GAP_TRADES_FILLED).increment(1);
+                    }
                 }
-                Sent::DeadLetter => self.summary.dead_letters += 1,
+                Sent::DeadLetter => {
+                    self.summary.dead_letters += 1;
+                    metrics::counter!(m::PRODUCER_DEAD_LETTERS).increment(1);
+                }
                 Sent::Gap => {}
             },
             Ok(Err((e, _))) => return Err(Error::kafka("publish", e)),

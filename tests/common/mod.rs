@@ -187,3 +187,4 @@ where
     }
     panic!("condition not met within 60 s");
 }
+pub mod prometheus;
