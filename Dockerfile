@@ -28,7 +28,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bins \
     && mkdir -p /out \
     && cp target/release/producer target/release/consumer target/release/record \
-          target/release/replay target/release/digest /out/
+          target/release/replay target/release/digest target/release/doctor /out/
 
 # ---- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim
