@@ -219,6 +219,62 @@ async fn rest_answering_429_is_waited_out_then_the_gap_is_filled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_rest_cannot_fill_is_recorded_on_the_gaps_topic_with_its_id_range() {
+    let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
+    fake.break_rest();
+    let lane = Lane::new("unfillable");
+    let mut config = config(&fake, &lane);
+    config.stream.rest_limits.attempts = 2;
+    let gaps_topic = config.gaps_topic.clone();
+    // The run helper waits for every trade; here some never come.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(producer::run(config, async move {
+        let _ = stopped.await;
+    }));
+    wait_for(|| {
+        let (brokers, topic) = (lane.kafka.brokers.clone(), gaps_topic.clone());
+        let released = fake.all_released();
+        async move { released && tokio::task::spawn_blocking(move || records_in(&brokers, &topic)).await.unwrap() >= 1 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop.send(());
+    let summary = running.await.unwrap().expect("producer");
+    assert!(summary.stream.gaps_found >= 1 && summary.stream.unfilled >= 1, "{summary:?}");
+
+    // The topic's ids plus the recorded ranges are the input, in order.
+    let gaps = gap_records(&lane.kafka.brokers, &gaps_topic);
+    let recorded: u64 = gaps.iter().map(|g| g["count"].as_u64().unwrap()).sum();
+    assert_eq!(recorded, summary.stream.unfilled);
+    let (mut ids, _) = topic_ids(&lane.kafka.brokers, &lane.kafka.topic);
+    for gap in &gaps {
+        let (symbol, from, to) = (gap["symbol"].as_str().unwrap(), gap["from_id"].as_i64().unwrap(), gap["to_id"].as_i64().unwrap());
+        assert!(gap["reason"].as_str().unwrap().contains("503"), "{gap}");
+        let got = ids.get_mut(symbol).unwrap();
+        let at = got.iter().position(|&id| id > from).unwrap_or(got.len());
+        got.splice(at..at, from..=to);
+    }
+    assert_eq!(ids, fake.ids());
+}
+
+/// The records of the gaps topic.
+fn gap_records(brokers: &str, topic: &str) -> Vec<serde_json::Value> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", "gaps-reader").create().unwrap();
+    let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Offset(low)).unwrap();
+    consumer.assign(&list).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (out.len() as i64) < high - low && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
+            out.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_rotate_before_their_lifetime_without_gap_or_duplicate() {
     let fake = FakeBinance::start(RATE, &[], 0).await;
     let lane = Lane::new("rotation");

@@ -73,6 +73,8 @@ struct Shared {
     per_second: usize,
     script: Mutex<VecDeque<Behaviour>>,
     throttle: AtomicUsize,
+    /// REST answers 503 to everything.
+    rest_down: std::sync::atomic::AtomicBool,
     seen: Mutex<Seen>,
 }
 
@@ -103,6 +105,7 @@ impl FakeBinance {
             per_second,
             script: Mutex::new(script.iter().copied().collect()),
             throttle: AtomicUsize::new(throttle),
+            rest_down: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(Seen::default()),
         });
         let accepting = shared.clone();
@@ -112,6 +115,11 @@ impl FakeBinance {
             }
         });
         FakeBinance { ws_url: format!("ws://{address}"), rest_url: format!("http://{address}"), shared }
+    }
+
+    /// From now on REST answers every request with 503.
+    pub fn break_rest(&self) {
+        self.shared.rest_down.store(true, Ordering::SeqCst);
     }
 
     pub fn seen(&self) -> Seen {
@@ -219,7 +227,9 @@ async fn rest(shared: Arc<Shared>, mut stream: TcpStream) {
     let params: HashMap<&str, &str> = query.split('&').filter_map(|pair| pair.split_once('=')).collect();
     shared.seen.lock().unwrap().rest_requests += 1;
     let throttled = shared.throttle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
-    let response = if throttled {
+    let response = if shared.rest_down.load(Ordering::SeqCst) {
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+    } else if throttled {
         shared.seen.lock().unwrap().rest_throttled += 1;
         "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
     } else {
