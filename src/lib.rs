@@ -18,10 +18,12 @@
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
 //! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
+//! | tools     | [`bench`] (throughput, CPU, memory, latency), [`crashtest`] |
 
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod bench;
 pub mod binance;
 pub mod checkpoint;
 pub mod cli;
