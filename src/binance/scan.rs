@@ -4,7 +4,7 @@
 //!
 //! It answers only when serde_json would read the same [`WireTrade`] from
 //! the payload: well-formed JSON, every required key once with the right
-//! type. Everything else — escapes, non-ASCII strings, floats, numbers of
+//! type. Everything else — escapes, control characters, floats, numbers of
 //! 19 digits or more, nested or `null` values, duplicate or missing keys,
 //! anything malformed — is `None`, and the general path decides, so a
 //! rejected record gets the same reason and detail either way.
@@ -15,26 +15,28 @@ use super::WireTrade;
 
 /// The fields of a trade event, or `None` to leave the payload to serde_json.
 pub(super) fn scan(payload: &[u8]) -> Option<WireTrade<'_>> {
-    let mut cur = Cursor { bytes: payload, at: 0 };
+    // Checked once here, so strings are sliced out without checking each.
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut cur = Cursor { text, bytes: payload, at: 0 };
     let mut found = Found::default();
     cur.skip_ws();
     cur.expect(b'{')?;
     cur.skip_ws();
     loop {
         cur.expect(b'"')?;
-        let key = cur.string()?;
+        let key = cur.string()?.as_bytes();
         cur.skip_ws();
         cur.expect(b':')?;
         cur.skip_ws();
         match key {
-            "e" => set(&mut found.event, cur.string_value()?)?,
-            "E" => set(&mut found.event_time, cur.int()?)?,
-            "s" => set(&mut found.symbol, cur.string_value()?)?,
-            "t" => set(&mut found.id, cur.int()?)?,
-            "p" => set(&mut found.price, cur.string_value()?)?,
-            "q" => set(&mut found.qty, cur.string_value()?)?,
-            "T" => set(&mut found.time, cur.int()?)?,
-            "m" => set(&mut found.buyer_is_maker, cur.boolean()?)?,
+            b"e" => set(&mut found.event, cur.string_value()?)?,
+            b"E" => set(&mut found.event_time, cur.int()?)?,
+            b"s" => set(&mut found.symbol, cur.string_value()?)?,
+            b"t" => set(&mut found.id, cur.int()?)?,
+            b"p" => set(&mut found.price, cur.string_value()?)?,
+            b"q" => set(&mut found.qty, cur.string_value()?)?,
+            b"T" => set(&mut found.time, cur.int()?)?,
+            b"m" => set(&mut found.buyer_is_maker, cur.boolean()?)?,
             _ => cur.skip_plain_value()?,
         }
         cur.skip_ws();
@@ -83,7 +85,23 @@ fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     }
 }
 
+/// Bytes that end the plain part of a string: the closing quote, an escape,
+/// or a control character.
+const STRING_STOP: [bool; 256] = {
+    let mut stop = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        stop[b] = true;
+        b += 1;
+    }
+    stop[b'"' as usize] = true;
+    stop[b'\\' as usize] = true;
+    stop
+};
+
 struct Cursor<'a> {
+    text: &'a str,
+    /// `text` as bytes.
     bytes: &'a [u8],
     at: usize,
 }
@@ -109,16 +127,16 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// The rest of a string whose opening quote is consumed: printable
-    /// ASCII without escapes only.
+    /// The rest of a string whose opening quote is consumed, when it has
+    /// no escapes (and no control characters, which JSON forbids).
     fn string(&mut self) -> Option<&'a str> {
-        let rest = self.bytes.get(self.at..)?;
-        let len = rest.iter().position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))?;
+        let (start, rest) = (self.at, self.bytes.get(self.at..)?);
+        let len = rest.iter().position(|&b| STRING_STOP[usize::from(b)])?;
         if rest[len] != b'"' {
             return None;
         }
         self.at += len + 1;
-        std::str::from_utf8(&rest[..len]).ok()
+        self.text.get(start..start + len)
     }
 
     fn string_value(&mut self) -> Option<&'a str> {
@@ -133,17 +151,21 @@ impl<'a> Cursor<'a> {
         if negative {
             self.at += 1;
         }
-        let digits = self.bytes.get(self.at..)?.iter().take_while(|b| b.is_ascii_digit()).count();
-        let text = &self.bytes[self.at..self.at + digits];
+        let (start, first) = (self.at, self.peek()?);
+        let mut value: i64 = 0;
+        while let Some(d) = self.peek().map(|b| b.wrapping_sub(b'0')).filter(|&d| d < 10) {
+            // Wraps only past 18 digits, which are refused below.
+            value = value.wrapping_mul(10).wrapping_add(i64::from(d));
+            self.at += 1;
+        }
+        let digits = self.at - start;
         // serde_json reads `-0` as a float.
-        if digits == 0 || digits > 18 || (digits > 1 || negative) && text[0] == b'0' {
+        if digits == 0 || digits > 18 || (digits > 1 || negative) && first == b'0' {
             return None;
         }
-        self.at += digits;
         if matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
             return None;
         }
-        let value = text.iter().fold(0i64, |v, &b| v * 10 + i64::from(b - b'0'));
         Some(if negative { -value } else { value })
     }
 
@@ -189,8 +211,8 @@ mod tests {
             ETH.to_string(),
             // reordered keys
             r#"{"s":"ETHUSDT","T":1723161255611,"q":"0.00200000","p":"2683.80000000","t":1520538925,"m":false,"e":"trade"}"#.to_string(),
-            // old and unknown keys with plain values
-            ETH.replace(r#""m":true"#, r#""b":88,"a":-50,"m":true,"X":"MARKET","z":false"#),
+            // old and unknown keys with plain values, UTF-8 beyond ASCII
+            ETH.replace(r#""m":true"#, r#""b":88,"a":-50,"m":true,"X":"MARKET","z":false,"n":"café ₿""#),
             // whitespace everywhere JSON allows it
             format!(" \n{}\t\r\n", ETH.replace(',', " ,\n  ").replace(':', " :\t").replace('{', "{ ").replace('}', " }")),
             ETH.replace(r#""E":1723161255612"#, r#""E":0"#),
@@ -227,8 +249,8 @@ mod tests {
             // escapes: serde_json unescapes, so it decides
             ETH.replace(r#""s":"ETHUSDT""#, r#""s":"ETH\u0055SDT""#),
             ETH.replace(r#""e":"trade""#, r#""e":"tr\"ade""#),
+            ETH.replace(r#""s":"ETHUSDT""#, "\"s\":\"ETH\tUSDT\""),
             ETH.replace(r#""M":true"#, r#""M":"caf\u00e9""#),
-            ETH.replace(r#""M":true"#, r#""M":"café""#),
             // numbers: exponent, fraction, 19 digits and more, leading zero, bare minus
             ETH.replace(r#""t":1520538925"#, r#""t":1e3"#),
             ETH.replace(r#""t":1520538925"#, r#""t":1520538925.0"#),
@@ -257,6 +279,12 @@ mod tests {
             assert!(scan(payload.as_bytes()).is_none(), "fast path took {payload}");
             agree(payload);
         }
+        // Not UTF-8 inside a string.
+        let mut bytes = ETH.as_bytes().to_vec();
+        bytes[8] = 0xff;
+        assert!(scan(&bytes).is_none());
+        assert_eq!(decode(&bytes), decode_general(&bytes));
+        assert_eq!(decode(&bytes).unwrap_err().reason, super::super::Reject::MalformedJson);
     }
 
     #[test]
