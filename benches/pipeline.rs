@@ -9,6 +9,7 @@ use std::path::Path;
 use arrow::array::RecordBatch;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use cryptopulse::synth::{self, SynthConfig};
 use cryptopulse::trade::{TradeBatchBuilder, TradeColumns};
 use cryptopulse::window::{FinalBar, MetricNames, PartitionState, WindowConfig};
 use cryptopulse::{archive, binance, sink};
@@ -73,19 +74,31 @@ fn decode_compute(c: &mut Criterion) {
     group.finish();
 }
 
+/// `trades` generated trades over `symbols` symbols in trade-time order (as `gen`), in batches.
+fn generated(symbols: usize, trades: u64) -> Vec<RecordBatch> {
+    let Ok(dir) = tempfile::tempdir() else { return Vec::new() };
+    let out = dir.path().join("gen.parquet");
+    let config = SynthConfig { symbols, repeats: 1, trades: Some(trades) };
+    if synth::generate(Path::new(ARCHIVE), &out, &config).is_err() {
+        return Vec::new();
+    }
+    archive::open(&out, BATCH_ROWS).and_then(|r| r.map(|b| b.map_err(Into::into)).collect()).unwrap_or_default()
+}
+
 fn compute(c: &mut Criterion) {
-    let batches = batches();
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let cfg = WindowConfig::default();
     let mut group = c.benchmark_group("compute");
-    group.throughput(Throughput::Elements(rows as u64));
-    group.bench_function("bars_vwap_rsi", |b| {
-        b.iter(|| {
-            let mut state = PartitionState::default();
-            let bars: usize = batches.iter().filter_map(|batch| state.apply(batch, &cfg).ok()).map(|out| out.bars.len()).sum();
-            black_box(bars)
-        })
-    });
+    for (name, batches) in [("bars_vwap_rsi", batches()), ("bars_vwap_rsi_1000_symbols", generated(1000, 200_000))] {
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut state = PartitionState::default();
+                let bars: usize = batches.iter().filter_map(|batch| state.apply(batch, &cfg).ok()).map(|out| out.bars.len()).sum();
+                black_box(bars)
+            })
+        });
+    }
     group.finish();
 }
 
