@@ -1,6 +1,7 @@
 //! Criterion benches of the consumer's stages on the fixture trades:
-//! Binance JSON -> Arrow batch, bars/VWAP/RSI over batches, the Redis field
-//! encoding of bars, and a synced checkpoint write.
+//! Binance JSON -> Arrow batch, bars/VWAP/RSI over batches, both together
+//! (the consumer's per-trade work on one core), the Redis encoding of the
+//! bars of a batch, and a synced checkpoint write.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -8,8 +9,9 @@ use std::path::Path;
 use arrow::array::RecordBatch;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use cryptopulse::synth::{self, SynthConfig};
 use cryptopulse::trade::{TradeBatchBuilder, TradeColumns};
-use cryptopulse::window::{PartitionState, WindowConfig};
+use cryptopulse::window::{FinalBar, MetricNames, PartitionState, WindowConfig};
 use cryptopulse::{archive, binance, sink};
 
 const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
@@ -32,41 +34,71 @@ fn payloads(batches: &[RecordBatch]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Decodes payloads into Arrow batches of up to `BATCH_ROWS`, as the source thread does.
+fn decode_batches(payloads: &[Vec<u8>]) -> Vec<RecordBatch> {
+    let mut builder = TradeBatchBuilder::with_capacity(BATCH_ROWS);
+    let mut out = Vec::new();
+    for chunk in payloads.chunks(BATCH_ROWS) {
+        for payload in chunk {
+            if let Ok(trade) = binance::decode(payload) {
+                builder.push(&trade);
+            }
+        }
+        out.extend(builder.finish().ok());
+    }
+    out
+}
+
 fn decode(c: &mut Criterion) {
     let payloads = payloads(&batches());
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(payloads.len() as u64));
-    group.bench_function("binance_json_to_arrow", |b| {
+    group.bench_function("binance_json_to_arrow", |b| b.iter(|| black_box(decode_batches(&payloads))));
+    group.finish();
+}
+
+/// JSON in, bars out: the consumer's work per trade (the 3 M trades/s target).
+fn decode_compute(c: &mut Criterion) {
+    let payloads = payloads(&batches());
+    let cfg = WindowConfig::default();
+    let mut group = c.benchmark_group("decode_compute");
+    group.throughput(Throughput::Elements(payloads.len() as u64));
+    group.bench_function("json_to_bars", |b| {
         b.iter(|| {
-            let mut builder = TradeBatchBuilder::with_capacity(BATCH_ROWS);
-            let mut out = Vec::new();
-            for chunk in payloads.chunks(BATCH_ROWS) {
-                for payload in chunk {
-                    if let Ok(trade) = binance::decode(payload) {
-                        builder.push(&trade);
-                    }
-                }
-                out.push(builder.finish());
-            }
-            black_box(out)
+            let mut state = PartitionState::default();
+            let bars: usize =
+                decode_batches(&payloads).iter().filter_map(|batch| state.apply(batch, &cfg).ok()).map(|out| out.bars.len()).sum();
+            black_box(bars)
         })
     });
     group.finish();
 }
 
+/// `trades` generated trades over `symbols` symbols in trade-time order (as `gen`), in batches.
+fn generated(symbols: usize, trades: u64) -> Vec<RecordBatch> {
+    let Ok(dir) = tempfile::tempdir() else { return Vec::new() };
+    let out = dir.path().join("gen.parquet");
+    let config = SynthConfig { symbols, repeats: 1, trades: Some(trades) };
+    if synth::generate(Path::new(ARCHIVE), &out, &config).is_err() {
+        return Vec::new();
+    }
+    archive::open(&out, BATCH_ROWS).and_then(|r| r.map(|b| b.map_err(Into::into)).collect()).unwrap_or_default()
+}
+
 fn compute(c: &mut Criterion) {
-    let batches = batches();
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let cfg = WindowConfig::default();
     let mut group = c.benchmark_group("compute");
-    group.throughput(Throughput::Elements(rows as u64));
-    group.bench_function("bars_vwap_rsi", |b| {
-        b.iter(|| {
-            let mut state = PartitionState::default();
-            let bars: usize = batches.iter().filter_map(|batch| state.apply(batch, &cfg).ok()).map(|out| out.bars.len()).sum();
-            black_box(bars)
-        })
-    });
+    for (name, batches) in [("bars_vwap_rsi", batches()), ("bars_vwap_rsi_1000_symbols", generated(1000, 200_000))] {
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut state = PartitionState::default();
+                let bars: usize = batches.iter().filter_map(|batch| state.apply(batch, &cfg).ok()).map(|out| out.bars.len()).sum();
+                black_box(bars)
+            })
+        });
+    }
     group.finish();
 }
 
@@ -75,10 +107,39 @@ fn redis_encoding(c: &mut Criterion) {
     let mut state = PartitionState::default();
     let bars: Vec<_> = batches().iter().filter_map(|batch| state.apply(batch, &cfg).ok()).flat_map(|out| out.bars).collect();
     let names = cfg.names();
+    let keys = sink::Keys { prefix: "cryptopulse".into() };
     let mut group = c.benchmark_group("redis");
     group.throughput(Throughput::Elements(bars.len() as u64));
     group.bench_function("bar_fields", |b| b.iter(|| black_box(bars.iter().map(|bar| sink::fields_of(bar, &names).len()).sum::<usize>())));
+    group.bench_function("script_pipeline_bytes", |b| b.iter(|| black_box(script_pipeline(&bars, &keys, &names).len())));
     group.finish();
+}
+
+/// The bytes of one pipeline of `EVALSHA` calls, one per bar, with the keys
+/// and arguments `sink::RedisSink` sends (its invocation is private; this
+/// mirrors it with the public key names and fields).
+fn script_pipeline(bars: &[FinalBar], keys: &sink::Keys, names: &MetricNames) -> Vec<u8> {
+    let mut pipe = redis::pipe();
+    let series = [0usize, 1, 5, 6, 7];
+    for bar in bars {
+        let fields = sink::fields_of(bar, names);
+        let cmd = pipe.cmd("EVALSHA").arg("0123456789abcdef0123456789abcdef01234567").arg(4 + series.len());
+        cmd.arg(keys.symbols()).arg(keys.latest(&bar.symbol)).arg(keys.bars(&bar.symbol)).arg(keys.marker());
+        for &i in &series {
+            cmd.arg(keys.series(&bar.symbol, &fields[i].0));
+        }
+        cmd.arg(&bar.symbol).arg(bar.end).arg(86_400_000).arg(fields.len());
+        for (name, _) in &fields {
+            cmd.arg(name);
+        }
+        for (_, value) in &fields {
+            cmd.arg(value.as_deref().unwrap_or(""));
+        }
+        for &i in &series {
+            cmd.arg(i + 1);
+        }
+    }
+    pipe.get_packed_pipeline()
 }
 
 fn checkpoint(c: &mut Criterion) {
@@ -98,5 +159,5 @@ fn checkpoint(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, compute, redis_encoding, checkpoint);
+criterion_group!(benches, decode, compute, decode_compute, redis_encoding, checkpoint);
 criterion_main!(benches);

@@ -14,28 +14,39 @@ const MAX: i128 = 10i128.pow(PRECISION as u32) - 1;
 /// Parses a plain non-negative decimal string such as `"61837.63000000"`
 /// into units of 1e-8. Rejects signs, exponents, empty parts, more than eight
 /// significant fraction digits and values beyond 18 digits.
+///
+/// One pass in 64-bit integers: this runs twice per trade decoded.
 pub fn parse(text: &str) -> Option<i128> {
-    let (int, frac) = match text.split_once('.') {
-        Some((int, frac)) => (int, frac),
-        None => (text, ""),
+    let bytes = text.as_bytes();
+    let (int, frac) = match bytes.iter().position(|&b| b == b'.') {
+        Some(dot) => (&bytes[..dot], &bytes[dot + 1..]),
+        None => (bytes, &[][..]),
     };
-    if int.is_empty() || int.len() > 18 || !all_digits(int) || !all_digits(frac) {
+    if int.is_empty() || int.len() > 18 {
         return None;
     }
-    let (kept, dropped) = frac.split_at(frac.len().min(SCALE as usize));
-    if dropped.bytes().any(|b| b != b'0') {
-        return None;
+    // At most 18 digits: below 10^18, no overflow.
+    let mut whole: u64 = 0;
+    for &b in int {
+        whole = whole * 10 + u64::from(digit(b)?);
     }
-    let mut value: i128 = 0;
-    for b in int.bytes().chain(kept.bytes()) {
-        value = value * 10 + i128::from(b - b'0');
+    let mut fraction: u64 = 0;
+    for (i, &b) in frac.iter().enumerate() {
+        let d = digit(b)?;
+        if i < SCALE as usize {
+            fraction = fraction * 10 + u64::from(d);
+        } else if d != 0 {
+            return None;
+        }
     }
-    value *= 10i128.pow((SCALE as usize - kept.len()) as u32);
+    fraction *= 10u64.pow((SCALE as usize).saturating_sub(frac.len()) as u32);
+    let value = i128::from(whole) * ONE + i128::from(fraction);
     (value <= MAX).then_some(value)
 }
 
-fn all_digits(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit())
+fn digit(b: u8) -> Option<u8> {
+    let d = b.wrapping_sub(b'0');
+    (d < 10).then_some(d)
 }
 
 /// Formats units of 1e-`scale` with all `scale` places: `format(6183763000000, 8)`
@@ -105,6 +116,12 @@ mod tests {
             ("", None),
             (".5", None),
             ("1.2.3", None),
+            ("1.", Some(ONE)),
+            ("007.50", Some(750_000_000)),
+            ("0.12345678000000000000", Some(12_345_678)),
+            ("1.00000000x", None),
+            ("999999999999999999", None),
+            ("1234567890123456789", None),
             (" 1.0", None),
             ("9999999999.99999999", Some(MAX)),
             ("10000000000.00000000", None),

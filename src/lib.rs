@@ -19,10 +19,12 @@
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
 //! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
 //! | health    | [`metrics`] (Prometheus names and exporter), [`doctor`] (service checks) |
+//! | tools     | [`bench`] (throughput, CPU, memory, latency), [`crashtest`] |
 
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod bench;
 pub mod binance;
 pub mod checkpoint;
 pub mod cli;

@@ -1,8 +1,10 @@
 //! Deterministic larger inputs for benchmarks and crash tests: the real
 //! trades of an archive repeated over many symbols and forward in time.
-//! Symbol k trades like the source symbol it copies; each repetition shifts
-//! ids past the previous one (ids stay consecutive per symbol) and times
-//! past its end (time never goes backwards).
+//! Symbol k trades like the source symbol it copies. Rows come in trade-time
+//! order across all symbols, as a live feed would, so a replay paced by
+//! trade time is even. Ids are consecutive per symbol (renumbered from the
+//! source's first id, so gaps in the source leave none here), and each
+//! repetition starts after the previous one ends: time never goes backwards.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,32 +22,42 @@ pub struct SynthConfig {
     pub symbols: usize,
     /// Times the source is repeated, each later in time.
     pub repeats: usize,
+    /// Exactly this many trades instead: as many repetitions as it takes,
+    /// the last one cut short.
+    pub trades: Option<u64>,
+}
+
+/// One source symbol: its trades in id order and the symbols copying it.
+struct Source {
+    trades: Vec<Trade<'static>>,
+    copies: Vec<String>,
 }
 
 /// Writes the synthetic archive to `out` from the trades in `source`.
 pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<ArchiveSummary> {
-    let trades = load(source)?;
-    let names: Vec<&String> = trades.keys().collect();
-    if names.is_empty() || config.symbols == 0 {
-        return Err(Error::Config(format!("{}: no trades to repeat", source.display())));
-    }
-    let (first, last) = trades.values().flatten().fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t.time_ms), hi.max(t.time_ms)));
+    let sources = load(source, config.symbols)?;
+    let order = time_order(&sources);
+    let (first, last) =
+        order.iter().map(|&(s, i)| sources[s].trades[i].time_ms).fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
     // Whole seconds, so bars of a repetition line up with the source's.
     let period = (last - first) / 1000 * 1000 + 2000;
+    let limit = config.trades.unwrap_or(u64::MAX);
+    let repeats = if config.trades.is_some() { i64::MAX } else { config.repeats as i64 };
     let mut writer = ArchiveWriter::create(out)?;
     let mut builder = TradeBatchBuilder::with_capacity(8192);
-    for repeat in 0..config.repeats as i64 {
-        for k in 0..config.symbols {
-            let source = &trades[names[k % names.len()]];
-            let symbol = format!("{}{k:05}", names[k % names.len()].trim_end_matches("USDT"));
-            for trade in source {
-                builder.push(&Trade {
-                    symbol: symbol.as_str().into(),
-                    id: trade.id + repeat * source.len() as i64,
-                    time_ms: trade.time_ms + repeat * period,
-                    event_time_ms: trade.event_time_ms.map(|e| e + repeat * period),
-                    ..trade.clone()
-                });
+    let mut written = 0u64;
+    'repeats: for repeat in 0..repeats {
+        for &(s, i) in &order {
+            let (trades, shift) = (&sources[s].trades, repeat * period);
+            let trade = &trades[i];
+            let id = trades[0].id + repeat * trades.len() as i64 + i as i64;
+            for symbol in &sources[s].copies {
+                if written == limit {
+                    break 'repeats;
+                }
+                let event_time_ms = trade.event_time_ms.map(|e| e + shift);
+                builder.push(&Trade { symbol: symbol.as_str().into(), id, time_ms: trade.time_ms + shift, event_time_ms, ..trade.clone() });
+                written += 1;
                 if builder.len() == 8192 {
                     writer.write(&builder.finish()?)?;
                 }
@@ -58,46 +70,105 @@ pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<Archi
     writer.finish()
 }
 
-/// The trades of an archive per symbol, in id order.
-fn load(path: &Path) -> Result<BTreeMap<String, Vec<Trade<'static>>>> {
-    let mut out: BTreeMap<String, Vec<Trade<'static>>> = BTreeMap::new();
+/// The trades of an archive per symbol in id order, with times made
+/// non-decreasing, and the names of the `symbols` copies of each.
+fn load(path: &Path, symbols: usize) -> Result<Vec<Source>> {
+    let mut by_symbol: BTreeMap<String, Vec<Trade<'static>>> = BTreeMap::new();
     for batch in archive::open(path, 8192)? {
         let batch: RecordBatch = batch?;
         let cols = TradeColumns::new(&batch)?;
         for row in 0..batch.num_rows() {
             let trade = cols.trade(row);
             let owned = Trade { symbol: trade.symbol.clone().into_owned().into(), ..trade };
-            out.entry(owned.symbol.to_string()).or_default().push(owned);
+            by_symbol.entry(owned.symbol.to_string()).or_default().push(owned);
         }
     }
-    for trades in out.values_mut() {
-        trades.sort_by_key(|t| t.id);
+    if by_symbol.is_empty() || symbols == 0 {
+        return Err(Error::Config(format!("{}: no trades to repeat", path.display())));
     }
-    Ok(out)
+    let n = by_symbol.len();
+    let mut sources: Vec<Source> = by_symbol
+        .into_values()
+        .map(|mut trades| {
+            trades.sort_by_key(|t| t.id);
+            let mut latest = i64::MIN;
+            for trade in &mut trades {
+                latest = latest.max(trade.time_ms);
+                trade.time_ms = latest;
+            }
+            Source { trades, copies: Vec::new() }
+        })
+        .collect();
+    for k in 0..symbols {
+        let source = &mut sources[k % n];
+        let base = source.trades[0].symbol.trim_end_matches("USDT").to_owned();
+        source.copies.push(format!("{base}{k:05}"));
+    }
+    Ok(sources)
+}
+
+/// (source, index) of every source trade, merged across sources by time;
+/// ties keep source order, and each source stays in id order.
+fn time_order(sources: &[Source]) -> Vec<(usize, usize)> {
+    let mut order: Vec<(usize, usize)> =
+        sources.iter().enumerate().flat_map(|(s, src)| (0..src.trades.len()).map(move |i| (s, i))).collect();
+    // Stable, and times within a source never decrease: id order survives.
+    order.sort_by_key(|&(s, i)| sources[s].trades[i].time_ms);
+    order
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SOURCE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
+
+    /// Every row of an archive as (symbol, id, time), in stored order.
+    fn rows(path: &Path) -> Vec<(String, i64, i64)> {
+        let mut out = Vec::new();
+        for batch in archive::open(path, 4096).unwrap() {
+            let batch = batch.unwrap();
+            let cols = TradeColumns::new(&batch).unwrap();
+            out.extend((0..batch.num_rows()).map(|row| (cols.symbol_at(row).to_owned(), cols.id.value(row), cols.time.value(row))));
+        }
+        out
+    }
+
     #[test]
     fn repeats_keep_ids_consecutive_and_time_forward() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("big.parquet");
-        let source = Path::new("fixtures/binance-spot-trades-2024-08-08.parquet");
-        let summary = generate(source, &out, &SynthConfig { symbols: 3, repeats: 2 }).unwrap();
+        let summary = generate(Path::new(SOURCE), &out, &SynthConfig { symbols: 3, repeats: 2, trades: None }).unwrap();
         assert_eq!(summary.rows, 2 * (9_757 + 6_106 + 9_757));
         let btc = &summary.symbols["BTC00000"];
         assert_eq!((btc.first, btc.last, btc.count, btc.missing.len()), (3_735_683_259, 3_735_683_259 + 2 * 9_757 - 1, 2 * 9_757, 0));
         assert!(summary.symbols.contains_key("ETH00001") && summary.symbols.contains_key("BTC00002"));
-        let mut last_time: BTreeMap<String, i64> = BTreeMap::new();
-        for batch in archive::open(&out, 4096).unwrap() {
-            let batch = batch.unwrap();
-            let cols = TradeColumns::new(&batch).unwrap();
-            for row in 0..batch.num_rows() {
-                let previous = last_time.insert(cols.symbol_at(row).to_owned(), cols.time.value(row));
-                assert!(previous.is_none_or(|p| p <= cols.time.value(row)));
+        let rows = rows(&out);
+        // Time never goes backwards across the whole file, and within a
+        // symbol each id is the previous one plus one.
+        assert!(rows.windows(2).all(|w| w[0].2 <= w[1].2));
+        let mut last_id: BTreeMap<&str, i64> = BTreeMap::new();
+        for (symbol, id, _) in &rows {
+            if let Some(previous) = last_id.insert(symbol, *id) {
+                assert_eq!(*id, previous + 1, "{symbol}");
             }
         }
+    }
+
+    #[test]
+    fn an_exact_count_cuts_the_last_repetition() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("n.parquet");
+        let summary = generate(Path::new(SOURCE), &out, &SynthConfig { symbols: 100, repeats: 1, trades: Some(50_001) }).unwrap();
+        assert_eq!(summary.rows, 50_001);
+        assert_eq!(summary.symbols.len(), 100);
+        assert!(summary.symbols.values().all(|ids| ids.missing.is_empty()));
+        // 100 symbols in time order: the copies of a source trade sit side by side.
+        let rows = rows(&out);
+        assert_eq!((rows[0].0.as_str(), rows[1].0.as_str()), ("BTC00000", "BTC00002"));
+        // The same command gives the same file contents.
+        let again = dir.path().join("again.parquet");
+        generate(Path::new(SOURCE), &again, &SynthConfig { symbols: 100, repeats: 1, trades: Some(50_001) }).unwrap();
+        assert_eq!(super::tests::rows(&again), rows);
     }
 }

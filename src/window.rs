@@ -1,6 +1,6 @@
 //! Event-time windows (SPEC §3-5): 1-second bars, the VWAP of a bar and of
 //! the last five seconds, and Wilder's RSI over bar closes, computed over
-//! whole Arrow record batches.
+//! the columns of whole Arrow record batches.
 //!
 //! State is kept per Kafka partition ([`PartitionState`]) so it can be
 //! checkpointed with that partition's offset and move with it. The result
@@ -9,9 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use arrow::array::{Array, BooleanArray, Decimal128Array, RecordBatch, UInt32Array};
-use arrow::compute::kernels::numeric::mul;
-use arrow::compute::{max, min, nullif, sum, take};
+use arrow::array::{Array, RecordBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::decimal;
@@ -271,7 +269,7 @@ impl PartitionState {
             }
             let window = self.symbols.get_mut(symbol).ok_or_else(|| Error::Config("symbol vanished".into()))?;
             let accepted = window.admit(&rows, &cols, cfg, &mut self.counts, &mut out.late_rows);
-            for bar in bars_of(&cols, &accepted, cfg)? {
+            for bar in bars_of(&cols, &accepted, cfg) {
                 if let Some(done) = window.add_bar(bar) {
                     out.bars.push(window.finalize(symbol, done, cfg));
                 }
@@ -375,44 +373,41 @@ impl SymbolWindow {
 }
 
 /// The bars (one per run of equal bar start) of one symbol's accepted rows,
-/// aggregated with Arrow kernels over column slices.
-fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig) -> Result<Vec<Bar>> {
-    if accepted.is_empty() {
-        return Ok(Vec::new());
+/// in one pass over the column values. A plain loop rather than Arrow
+/// kernels per bar: with thousands of symbols a batch holds a row or two
+/// per symbol, and a kernel call per bar and column cost more than the sums.
+fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig) -> Vec<Bar> {
+    let (times, prices, qtys) = (cols.time.values(), cols.price.values(), cols.qty.values());
+    let mut bars: Vec<Bar> = Vec::new();
+    for &row in accepted {
+        let row = row as usize;
+        let (start, price, qty) = (cfg.bar_start(times[row]), prices[row], qtys[row]);
+        // Prices and quantities have at most 18 digits: a product fits an i128.
+        let (quote, bought) = (price * qty, if cols.buyer_is_maker.value(row) { 0 } else { qty });
+        match bars.last_mut() {
+            Some(bar) if bar.start == start => {
+                bar.high = bar.high.max(price);
+                bar.low = bar.low.min(price);
+                bar.close = price;
+                bar.volume = bar.volume.wrapping_add(qty);
+                bar.quote_volume = bar.quote_volume.wrapping_add(quote);
+                bar.buy_volume = bar.buy_volume.wrapping_add(bought);
+                bar.trades += 1;
+            }
+            _ => bars.push(Bar {
+                start,
+                open: price,
+                high: price,
+                low: price,
+                close: price,
+                volume: qty,
+                quote_volume: quote,
+                buy_volume: bought,
+                trades: 1,
+            }),
+        }
     }
-    let indices = UInt32Array::from(accepted.to_vec());
-    let price = decimals(take(cols.price, &indices, None)?)?;
-    let qty = decimals(take(cols.qty, &indices, None)?)?;
-    let maker = take(cols.buyer_is_maker, &indices, None)?;
-    let maker = maker.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| Error::Config("buyer_is_maker is not boolean".into()))?;
-    let quote = decimals(mul(&price, &qty)?)?;
-    // Quantities where the taker bought: null where the buyer was the maker.
-    let bought = decimals(nullif(&qty, maker)?)?;
-    let times = cols.time.values();
-    let mut bars = Vec::new();
-    let mut run_begin = 0;
-    while run_begin < accepted.len() {
-        let start = cfg.bar_start(times[accepted[run_begin] as usize]);
-        let run_len = accepted[run_begin..].iter().take_while(|&&row| cfg.bar_start(times[row as usize]) == start).count();
-        let slice = |a: &Decimal128Array| a.slice(run_begin, run_len);
-        bars.push(Bar {
-            start,
-            open: price.value(run_begin),
-            high: max(&slice(&price)).unwrap_or_default(),
-            low: min(&slice(&price)).unwrap_or_default(),
-            close: price.value(run_begin + run_len - 1),
-            volume: sum(&slice(&qty)).unwrap_or_default(),
-            quote_volume: sum(&slice(&quote)).unwrap_or_default(),
-            buy_volume: sum(&slice(&bought)).unwrap_or_default(),
-            trades: run_len as u64,
-        });
-        run_begin += run_len;
-    }
-    Ok(bars)
-}
-
-fn decimals(array: arrow::array::ArrayRef) -> Result<Decimal128Array> {
-    array.as_any().downcast_ref::<Decimal128Array>().cloned().ok_or_else(|| Error::Config("expected a decimal column".into()))
+    bars
 }
 
 #[cfg(test)]
@@ -481,6 +476,23 @@ mod tests {
             let bars: Vec<_> = trades.chunks(size).flat_map(|chunk| state.apply(&batch(chunk), &cfg).unwrap().bars).collect();
             assert_eq!(bars, expected, "batches of {size}");
             assert_eq!(state, whole);
+        }
+    }
+
+    #[test]
+    fn interleaved_symbols_give_each_its_own_bars() {
+        let cfg = WindowConfig { bar_ms: 1_000, vwap_ms: 2_000, rsi_period: 2 };
+        let row = |symbol, i: i64| (symbol, i, if i % 2 == 0 { "10.5" } else { "9.75" }, "0.3", 1_000 + i * 450, i % 3 == 0);
+        // Z trades half as often as X and Y, all three in one batch.
+        let mixed: Vec<_> =
+            (0..40).flat_map(|i| [Some(row("X", i)), Some(row("Y", i)), (i % 2 == 0).then(|| row("Z", i))]).flatten().collect();
+        let mut together = PartitionState::default();
+        let bars = together.apply(&batch(&mixed), &cfg).unwrap().bars;
+        for symbol in ["X", "Y", "Z"] {
+            let alone: Vec<_> = mixed.iter().copied().filter(|t| t.0 == symbol).collect();
+            let expected = PartitionState::default().apply(&batch(&alone), &cfg).unwrap().bars;
+            assert!(!expected.is_empty());
+            assert_eq!(bars.iter().filter(|b| b.symbol == symbol).cloned().collect::<Vec<_>>(), expected, "{symbol}");
         }
     }
 

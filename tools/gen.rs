@@ -1,5 +1,6 @@
 //! `gen`: a larger deterministic input from real trades, for benchmarks and
-//! crash tests: `gen --symbols 20 --repeats 3 --out big.parquet`.
+//! crash tests: `gen --symbols 20 --repeats 3 --out big.parquet`, or an
+//! exact count: `gen --symbols 20 --trades 10000000 --out 10m.parquet`.
 
 use std::path::PathBuf;
 
@@ -21,6 +22,9 @@ struct Cli {
     /// Times the source is repeated, later in time each.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// Exactly this many trades (repeating as often as needed) instead of `--repeats`.
+    #[arg(long, conflicts_with = "repeats")]
+    trades: Option<u64>,
     /// The archive to write.
     #[arg(long)]
     out: PathBuf,
@@ -29,8 +33,8 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
-    let summary =
-        synth::generate(&args.source, &args.out, &SynthConfig { symbols: args.symbols, repeats: args.repeats }).context("gen failed")?;
+    let config = SynthConfig { symbols: args.symbols, repeats: args.repeats, trades: args.trades };
+    let summary = synth::generate(&args.source, &args.out, &config).context("gen failed")?;
     println!("{}: {} trades, {} symbols", args.out.display(), summary.rows, summary.symbols.len());
     Ok(())
 }

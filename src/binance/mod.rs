@@ -21,6 +21,8 @@ use serde_json::value::RawValue;
 use crate::decimal;
 use crate::trade::Trade;
 
+mod scan;
+
 /// Why a record is not a usable trade; the `reason` header of a dead-letter
 /// record carries [`Reject::as_str`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,7 +87,7 @@ impl Rejection {
 }
 
 /// The event as it is on the wire; strings borrow from the payload.
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 struct WireTrade<'a> {
     #[serde(rename = "e", borrow)]
     event: Cow<'a, str>,
@@ -105,9 +107,23 @@ struct WireTrade<'a> {
     buyer_is_maker: bool,
 }
 
-/// Decodes and validates one trade event (SPEC §1).
+/// Decodes and validates one trade event (SPEC §1). Payloads in the shape
+/// Binance sends go through [`scan`], a scanner that allocates nothing;
+/// anything it is not sure about goes through serde_json, so every reject
+/// keeps the reason and detail the general path gives.
 pub fn decode(payload: &[u8]) -> Result<Trade<'_>, Rejection> {
-    let wire: WireTrade<'_> = serde_json::from_slice(payload).map_err(json_rejection)?;
+    match scan::scan(payload) {
+        Some(wire) => validate(wire),
+        None => decode_general(payload),
+    }
+}
+
+/// The general path: serde_json, then the same checks.
+fn decode_general(payload: &[u8]) -> Result<Trade<'_>, Rejection> {
+    validate(serde_json::from_slice(payload).map_err(json_rejection)?)
+}
+
+fn validate(wire: WireTrade<'_>) -> Result<Trade<'_>, Rejection> {
     if wire.event != "trade" {
         return Err(Rejection::new(Reject::WrongEventType, format!("event type {:?}", wire.event)));
     }

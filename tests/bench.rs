@@ -1,0 +1,71 @@
+//! The benchmark tool end to end on a tiny input against the real broker
+//! and Redis: every measured process handles every trade, and the run's
+//! topics, keys and state directories are gone afterwards. Counts only;
+//! speeds are never asserted.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cryptopulse::bench::{self, BenchConfig, Bins, LatencyConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tiny_run_measures_every_process_and_cleans_up() {
+    let lane = common::Lane::new("bench");
+    let out = tempfile::tempdir().unwrap();
+    let classpath = std::process::Command::new("scripts/services").arg("java-cp").output().unwrap();
+    let config = BenchConfig {
+        kafka: lane.kafka.clone(),
+        redis_url: lane.redis.target.url.clone(),
+        trades: 2_000,
+        symbols: vec![3, 30],
+        repeats: 2,
+        source: PathBuf::from(common::ARCHIVE),
+        out_dir: out.path().to_owned(),
+        bins: Bins {
+            consumer: env!("CARGO_BIN_EXE_consumer").into(),
+            replay: env!("CARGO_BIN_EXE_replay").into(),
+            noop: env!("CARGO_BIN_EXE_bench").into(),
+        },
+        consumer_args: vec!["--batch-rows".into(), "500".into()],
+        kafka_classpath: Some(String::from_utf8(classpath.stdout).unwrap().trim().to_owned()),
+        latency: Some(LatencyConfig { symbols: 10, seconds: 3 }),
+    };
+    let report = bench::run(&config).await.unwrap();
+
+    assert_eq!(report.points.iter().map(|p| p.symbols).collect::<Vec<_>>(), vec![3, 30]);
+    for point in &report.points {
+        for series in [&point.noop, &point.consumer] {
+            assert_eq!(series.samples.len(), 2, "{}", series.name);
+            assert!(series.samples.iter().all(|s| s.trades == 2_000 && s.peak_rss_mib > 0.0), "{}", series.name);
+        }
+    }
+    let producer = report.producer.as_ref().unwrap();
+    assert!(producer.record_bytes > 100 && producer.record_bytes < 200, "{}", producer.record_bytes);
+    assert_eq!(producer.replay.samples.len() + producer.perf_test.samples.len(), 4);
+    let latency = report.latency.as_ref().unwrap();
+    match (&latency.latency, &latency.unavailable) {
+        (Some(l), _) => assert!(l.count > 0 && latency.trades > 0),
+        (None, Some(reason)) => assert!(reason.contains("--metrics-addr"), "{reason}"),
+        (None, None) => panic!("latency neither measured nor explained"),
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["points"][1]["consumer"]["samples"][0]["trades"], 2_000);
+    assert!(report.svg().contains("<polyline"));
+
+    // Nothing of the run is left behind: topics, keys, state directories.
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &lane.kafka.brokers).create().unwrap();
+    common::wait_for(|| {
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+        let left = metadata.topics().iter().filter(|t| t.name().starts_with(&report.run)).count();
+        async move { left == 0 }
+    })
+    .await;
+    let mut redis = lane.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", report.run)).query_async(&mut redis).await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(std::fs::read_dir(out.path().join("state")).unwrap().count(), 0);
+}
