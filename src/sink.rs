@@ -15,9 +15,9 @@ use crate::window::{FinalBar, MetricNames};
 
 /// The bars of one symbol in one call: the symbols set; the latest hash,
 /// replaced only by a newer bar; per bar the stream entry `E-0` (only past
-/// the stream's last entry) and one sorted-set member per metric (replacing
-/// any member at the same score); then trimming by event time relative to
-/// the newest bar of the symbol, once. The end state is that of writing the
+/// the stream's last entry) and one sorted-set member per metric (for a bar
+/// not past it, replacing any member at the same score); then trimming by
+/// event time relative to the newest bar of the symbol, once. The end state is that of writing the
 /// bars one by one, in fewer Redis commands.
 ///
 /// Nothing is written, and -1 returned, when the marker is gone: Redis lost
@@ -73,13 +73,19 @@ for b = 0, m - 1 do
   local at = base + 1 + b * stride
   local e = tonumber(ARGV[at])
   if e >= cutoff then
-    if e > top then
+    -- Stream and sorted sets are written and trimmed together, so a bar
+    -- past the stream's last entry is in none of them yet; only a bar
+    -- written before may have members to replace.
+    local rewrite = e <= top
+    if not rewrite then
       redis.call('XADD', KEYS[3], ARGV[at] .. '-0', unpack(fields_of(at)))
       top = e
     end
     for k = 1, sets do
       local value = ARGV[at + tonumber(ARGV[4 + n + k])]
-      redis.call('ZREMRANGEBYSCORE', KEYS[4 + k], e, e)
+      if rewrite then
+        redis.call('ZREMRANGEBYSCORE', KEYS[4 + k], e, e)
+      end
       if value ~= '' then
         redis.call('ZADD', KEYS[4 + k], e, ARGV[at] .. ':' .. value)
       end

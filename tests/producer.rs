@@ -51,12 +51,7 @@ async fn run(fake: &FakeBinance, lane: &Lane, config: ProducerConfig) -> Produce
 /// Records in all partitions of `topic`.
 fn records_in(brokers: &str, topic: &str) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
-    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else { return 0 };
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    partitions
-        .iter()
-        .map(|&p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).map(|(low, high)| high - low).unwrap_or(0))
-        .sum()
+    watermarks(&consumer, topic).map(|(_, ends)| ends.iter().map(|(low, high)| high - low).sum()).unwrap_or(0)
 }
 
 /// The trade ids of each symbol in the topic, partition by partition in
@@ -64,12 +59,21 @@ fn records_in(brokers: &str, topic: &str) -> i64 {
 pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usize) {
     let consumer: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", "producer-test-reader").create().unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    // A topic just created may have no leaders for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (partitions, ends) = loop {
+        match watermarks(&consumer, topic) {
+            Ok(found) => break found,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("{topic}: {e}; trying again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{topic}: {e}"),
+        }
+    };
     let mut ids: HashMap<String, Vec<i64>> = HashMap::new();
     let mut misplaced = 0;
-    for &partition in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap();
+    for (&partition, &(low, high)) in partitions.iter().zip(&ends) {
         if high == low {
             continue;
         }
@@ -94,6 +98,18 @@ pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usiz
         }
     }
     (ids, misplaced)
+}
+
+/// The partitions of `topic` and the low and high watermark of each.
+#[allow(clippy::type_complexity)]
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> Result<(Vec<i32>, Vec<(i64, i64)>), rdkafka::error::KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        return Err(rdkafka::error::KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition));
+    }
+    let ends = partitions.iter().map(|&p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10))).collect::<Result<_, _>>()?;
+    Ok((partitions, ends))
 }
 
 /// Every trade of the input once, in id order per symbol, where Kafka's
