@@ -115,31 +115,10 @@ fn redis_encoding(c: &mut Criterion) {
     group.finish();
 }
 
-/// The bytes of one pipeline of `EVALSHA` calls, one per bar, with the keys
-/// and arguments `sink::RedisSink` sends (its invocation is private; this
-/// mirrors it with the public key names and fields).
+/// The bytes of the pipeline `sink::RedisSink` sends for `bars`: one
+/// `EVALSHA` per symbol with its bars.
 fn script_pipeline(bars: &[FinalBar], keys: &sink::Keys, names: &MetricNames) -> Vec<u8> {
-    let mut pipe = redis::pipe();
-    let series = [0usize, 1, 5, 6, 7];
-    for bar in bars {
-        let fields = sink::fields_of(bar, names);
-        let cmd = pipe.cmd("EVALSHA").arg("0123456789abcdef0123456789abcdef01234567").arg(4 + series.len());
-        cmd.arg(keys.symbols()).arg(keys.latest(&bar.symbol)).arg(keys.bars(&bar.symbol)).arg(keys.marker());
-        for &i in &series {
-            cmd.arg(keys.series(&bar.symbol, &fields[i].0));
-        }
-        cmd.arg(&bar.symbol).arg(bar.end).arg(86_400_000).arg(fields.len());
-        for (name, _) in &fields {
-            cmd.arg(name);
-        }
-        for (_, value) in &fields {
-            cmd.arg(value.as_deref().unwrap_or(""));
-        }
-        for &i in &series {
-            cmd.arg(i + 1);
-        }
-    }
-    pipe.get_packed_pipeline()
+    sink::bars_pipeline(&sink::write_script(), keys, names, 86_400_000, bars).get_packed_pipeline()
 }
 
 fn checkpoint(c: &mut Criterion) {

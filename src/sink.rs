@@ -162,7 +162,7 @@ impl RedisSink {
         Ok(RedisSink {
             conn,
             write_seconds,
-            script: Script::new(WRITE_BARS),
+            script: write_script(),
             keys: Keys { prefix: prefix.to_owned() },
             names,
             retention_ms,
@@ -216,19 +216,7 @@ impl RedisSink {
 
     /// One pipeline of one script call per symbol, its bars in order.
     async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
-        let mut by_symbol: Vec<(&str, Vec<&FinalBar>)> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for bar in bars {
-            let at = *index.entry(bar.symbol.as_str()).or_insert_with(|| {
-                by_symbol.push((bar.symbol.as_str(), Vec::new()));
-                by_symbol.len() - 1
-            });
-            by_symbol[at].1.push(bar);
-        }
-        let mut pipe = redis::pipe();
-        for (symbol, group) in &by_symbol {
-            pipe.invoke_script(&self.invocation(symbol, group));
-        }
+        let pipe = bars_pipeline(&self.script, &self.keys, &self.names, self.retention_ms, bars);
         let replies: Vec<i64> = match pipe.query_async(&mut self.conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 // Redis restarted or flushed its scripts: load and go again.
@@ -243,32 +231,52 @@ impl RedisSink {
         Ok(())
     }
 
-    fn invocation(&self, symbol: &str, bars: &[&FinalBar]) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.key(self.keys.symbols()).key(self.keys.latest(symbol)).key(self.keys.bars(symbol)).key(self.keys.marker());
-        let names = field_names(&self.names);
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+}
+
+/// The script that writes bars (what [`RedisSink`] invokes).
+pub fn write_script() -> Script {
+    Script::new(WRITE_BARS)
+}
+
+/// The pipeline that writes `bars`: one call of `script` per symbol with
+/// its bars in order, the symbols in the order they first appear.
+pub fn bars_pipeline(script: &Script, keys: &Keys, names: &MetricNames, retention_ms: i64, bars: &[FinalBar]) -> redis::Pipeline {
+    let mut by_symbol: Vec<(&str, Vec<&FinalBar>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for bar in bars {
+        let at = *index.entry(bar.symbol.as_str()).or_insert_with(|| {
+            by_symbol.push((bar.symbol.as_str(), Vec::new()));
+            by_symbol.len() - 1
+        });
+        by_symbol[at].1.push(bar);
+    }
+    let field_names = field_names(names);
+    let mut pipe = redis::pipe();
+    for (symbol, group) in &by_symbol {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(keys.symbols()).key(keys.latest(symbol)).key(keys.bars(symbol)).key(keys.marker());
         for &i in &SERIES {
-            invocation.key(self.keys.series(symbol, &names[i]));
+            invocation.key(keys.series(symbol, &field_names[i]));
         }
-        invocation.arg(symbol).arg(self.retention_ms).arg(names.len()).arg(bars.len());
-        for name in &names {
+        invocation.arg(*symbol).arg(retention_ms).arg(field_names.len()).arg(group.len());
+        for name in &field_names {
             invocation.arg(name);
         }
         for &i in &SERIES {
             invocation.arg(i + 1);
         }
-        for bar in bars {
+        for bar in group {
             invocation.arg(bar.end);
             for value in field_values(bar) {
                 invocation.arg(value.as_deref().unwrap_or(""));
             }
         }
-        invocation
+        pipe.invoke_script(&invocation);
     }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
+    pipe
 }
 
 /// The fields of a bar in the latest hash and the stream, in a fixed order:
