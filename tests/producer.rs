@@ -11,6 +11,7 @@ mod fake_binance;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::prometheus::{free_addr, Killed};
 use common::{wait_for, Lane};
 use cryptopulse::producer::tail::partition_for;
 use cryptopulse::producer::{self, ProducerConfig, ProducerSummary, StreamConfig};
@@ -367,16 +368,6 @@ fn producer_command(fake: &FakeBinance, lane: &Lane) -> std::process::Command {
     command
 }
 
-/// A child process killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The value of each unlabelled series on a Prometheus text page.
 async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
     let page = reqwest::get(format!("http://{addr}/metrics")).await.expect("metrics page").text().await.unwrap();
@@ -392,9 +383,9 @@ async fn the_producer_reports_trades_reconnects_and_filled_gaps_as_metrics() {
     use cryptopulse::metrics as m;
     let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
     let lane = Lane::new("producer-metrics");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addr = free_addr();
     let child = producer_command(&fake, &lane).args(["--metrics-addr", &addr.to_string()]).spawn().expect("producer binary");
-    let _child = KillOnDrop(child);
+    let _child = Killed(child);
     let total = fake.total() as f64;
     wait_for(|| async move { scrape(addr).await.get(m::PRODUCER_TRADES) == Some(&total) }).await;
     let metrics = scrape(addr).await;
@@ -411,7 +402,7 @@ async fn sigkilled_producers_leave_the_same_redis_output_as_an_uninterrupted_run
     // About 10 s of trades; the producer is killed four times meanwhile.
     let fake = FakeBinance::start(1500, &[], 0).await;
     let lane = Lane::new("sigkill");
-    let mut child = KillOnDrop(spawn_producer(&fake, &lane));
+    let mut child = Killed(spawn_producer(&fake, &lane));
     // A symbol the topic has never seen starts with the first trade
     // streamed, so the first kill waits until both symbols were published.
     wait_for(|| {
@@ -426,7 +417,7 @@ async fn sigkilled_producers_leave_the_same_redis_output_as_an_uninterrupted_run
         tokio::time::sleep(Duration::from_millis(400 + (state >> 33) % 1600)).await;
         child.0.kill().expect("SIGKILL");
         child.0.wait().expect("reaped");
-        child = KillOnDrop(spawn_producer(&fake, &lane));
+        child = Killed(spawn_producer(&fake, &lane));
     }
     let total = fake.total();
     wait_for(|| {

@@ -99,7 +99,7 @@ pub async fn run(slot: usize, config: SlotConfig, events: mpsc::Sender<Event>) {
 
 /// Capped exponential backoff with jitter: 250 ms, 500 ms, ... 30 s, each
 /// plus up to half again, so many producers do not reconnect in step.
-fn backoff(failures: u32) -> Duration {
+pub(super) fn backoff(failures: u32) -> Duration {
     let base = Duration::from_millis(250u64 << failures.saturating_sub(1).min(7)).min(Duration::from_secs(30));
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u32(failures);
@@ -144,8 +144,8 @@ impl Live {
 
 /// What a frame means to the slot.
 enum Read {
-    /// Forward the frame; with the trade's symbol and id when it is one.
-    Forward(String, Option<(String, i64)>),
+    /// Forward the frame; whether it carries a trade.
+    Forward(String, bool),
     /// The server will shut this connection down soon.
     ShutdownNotice,
     /// Nothing to do (a subscription reply, a ping).
@@ -168,10 +168,11 @@ async fn serve(slot: usize, config: &SlotConfig, socket: Socket, events: &mpsc::
                 match read(message) {
                     Err(e) => return (End::Lost(e), delivered),
                     Ok(Read::Forward(text, trade)) => {
-                        if let (Some((_, first @ None, _)), Some(trade)) = (&mut retiring, &trade) {
-                            *first = Some(trade.clone());
+                        // Only while rotating is a trade's key needed.
+                        if let (Some((_, first @ None, _)), true) = (&mut retiring, trade) {
+                            *first = trade_key(&text);
                         }
-                        delivered |= trade.is_some();
+                        delivered |= trade;
                         if events.send(Event::Frame(text)).await.is_err() {
                             return (End::Stopped, delivered);
                         }
@@ -188,7 +189,8 @@ async fn serve(slot: usize, config: &SlotConfig, socket: Socket, events: &mpsc::
                 old.heard = Instant::now();
                 match read(message) {
                     Ok(Read::Forward(text, trade)) => {
-                        let overlap = trade.is_some_and(|(symbol, id)| first_new.as_ref().is_some_and(|(s, first)| *s == symbol && id >= *first));
+                        let overlap = trade
+                            && first_new.as_ref().is_some_and(|(s, first)| trade_key(&text).is_some_and(|(symbol, id)| *s == symbol && id >= *first));
                         if events.send(Event::Frame(text)).await.is_err() {
                             return (End::Stopped, delivered);
                         }
@@ -263,10 +265,10 @@ fn classify(text: String) -> Result<Read> {
     if text.contains("serverShutdown") && is_shutdown_notice(&text) {
         return Ok(Read::ShutdownNotice);
     }
-    // `Some(trade)` to forward (`trade` is `None` for what the sequencer
-    // will dead-letter), `None` to skip.
+    // `Some(is_trade)` to forward (what is not a trade the sequencer will
+    // dead-letter), `None` to skip.
     let forward = match binance::unwrap_frame(&text) {
-        Ok(Frame::Trade(bytes)) => Some(binance::decode(bytes).ok().map(|t| (t.symbol.into_owned(), t.id))),
+        Ok(Frame::Trade(_)) => Some(true),
         Ok(Frame::Other(other)) => {
             debug!(frame = other, "reply or other event");
             None
@@ -275,12 +277,20 @@ fn classify(text: String) -> Result<Read> {
             error!(code, %msg, "binance refused a request");
             return Err(Error::binance("subscribe", format!("error reply {code}: {msg}")));
         }
-        Err(_) => Some(None),
+        Err(_) => Some(false),
     };
     Ok(match forward {
         Some(trade) => Read::Forward(text, trade),
         None => Read::Nothing,
     })
+}
+
+/// The symbol and id of the trade a frame carries.
+fn trade_key(text: &str) -> Option<(String, i64)> {
+    match binance::unwrap_frame(text).ok()? {
+        Frame::Trade(bytes) => binance::decode(bytes).ok().map(|t| (t.symbol.into_owned(), t.id)),
+        _ => None,
+    }
 }
 
 /// `serverShutdown`, bare, wrapped in a stream frame, or as an `event`.

@@ -21,6 +21,7 @@ pub mod tail;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -93,7 +94,14 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     {
         metrics::counter!(name).increment(0);
     }
-    let mut publisher = Publisher { producer, config: config.clone(), in_flight: VecDeque::new(), summary: ProducerSummary::default() };
+    let mut publisher = Publisher {
+        producer,
+        raw_topic: config.kafka.topic.as_str().into(),
+        dlq_topic: config.kafka.dlq_topic.as_str().into(),
+        gaps_topic: config.gaps_topic.as_str().into(),
+        in_flight: VecDeque::new(),
+        summary: ProducerSummary::default(),
+    };
     let streamed = sequencer::stream(&config.stream, last, &mut publisher, shutdown).await;
     // Whatever ended the run, what was sent is flushed and settled.
     let flushed = publisher.producer.flush(Duration::from_secs(30)).map_err(|e| Error::kafka("flush", e));
@@ -108,7 +116,10 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
 /// Sends records and keeps the in-flight window bounded.
 struct Publisher {
     producer: FutureProducer,
-    config: ProducerConfig,
+    // Shared, so that naming the topic of a record does not allocate.
+    raw_topic: Arc<str>,
+    dlq_topic: Arc<str>,
+    gaps_topic: Arc<str>,
     /// Deliveries not yet acknowledged, oldest first, with what they are.
     in_flight: VecDeque<(DeliveryFuture, Sent)>,
     summary: ProducerSummary,
@@ -125,7 +136,7 @@ enum Sent {
 impl Sink for Publisher {
     async fn trade(&mut self, symbol: &str, event: &[u8], time_ms: i64, from_rest: bool) -> Result<()> {
         let headers = from_rest.then(|| OwnedHeaders::new().insert(Header { key: "source", value: Some("rest") }));
-        let topic = self.config.kafka.topic.clone();
+        let topic = self.raw_topic.clone();
         self.send(&topic, Some(symbol), event, headers, Some(time_ms), Sent::Trade { from_rest }).await
     }
 
@@ -134,14 +145,14 @@ impl Sink for Publisher {
             .insert(Header { key: "reason", value: Some(reason) })
             .insert(Header { key: "detail", value: Some(detail) })
             .insert(Header { key: "source", value: Some("websocket") });
-        let topic = self.config.kafka.dlq_topic.clone();
+        let topic = self.dlq_topic.clone();
         self.send(&topic, None, raw, Some(headers), None, Sent::DeadLetter).await
     }
 
     /// Records ids `from..=to` of `symbol` on the gaps topic.
     async fn gap(&mut self, symbol: &str, from: i64, to: i64, why: &str) -> Result<()> {
         let record = serde_json::json!({ "symbol": symbol, "from_id": from, "to_id": to, "count": to - from + 1, "reason": why });
-        let topic = self.config.gaps_topic.clone();
+        let topic = self.gaps_topic.clone();
         self.send(&topic, Some(symbol), record.to_string().as_bytes(), None, None, Sent::Gap).await
     }
 

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
+use super::connection::backoff;
 use crate::binance;
 use crate::decimal;
 use crate::error::{Error, Result};
@@ -154,10 +155,6 @@ impl Rest {
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     let seconds: u64 = response.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(seconds))
-}
-
-fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30))
 }
 
 /// Decodes a `historicalTrades` answer into `(id, time, event)` in id order.
