@@ -140,8 +140,10 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let source_result = source.join().map_err(|_| Error::Config("kafka source thread panicked".into()))?;
     result?;
     source_result?;
-    let mut summary = consumer_loop.summary;
-    summary.counts = consumer_loop.partitions.values().fold(Counts::default(), |mut total, p| {
+    let Loop { consumer, dead_letters, partitions, mut summary, .. } = consumer_loop;
+    // Every dead letter is acknowledged (the last checkpoint waited for them).
+    kafka::close_in_background((consumer, dead_letters));
+    summary.counts = partitions.values().fold(Counts::default(), |mut total, p| {
         total.add(&p.state.counts);
         total
     });
@@ -360,7 +362,8 @@ impl Loop {
         for (partition, checkpoint) in &self.partitions {
             let _ = list.add_partition_offset(&self.config.kafka.topic, *partition, Offset::Offset(checkpoint.next_offset));
         }
-        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+        let mode = if last { CommitMode::Sync } else { CommitMode::Async };
+        if let Err(e) = self.consumer.commit(&list, mode) {
             warn!(error = %e, "offset commit for lag monitoring failed; checkpoints are unaffected");
         }
     }

@@ -1,5 +1,5 @@
-//! Writes final bars to Redis (SPEC §6): one Lua script call per symbol
-//! with its bars, all symbols of a batch in one pipeline. The script makes every write idempotent,
+//! Writes final bars to Redis (SPEC §6): one Lua script call for the bars
+//! of a batch (a few for a large one), in one pipeline. The script makes every write idempotent,
 //! so a bar written again after a crash leaves Redis as it was.
 
 use std::collections::HashMap;
@@ -13,91 +13,126 @@ use crate::decimal;
 use crate::error::{Error, Result};
 use crate::window::{FinalBar, MetricNames};
 
-/// The bars of one symbol in one call: the symbols set; the latest hash,
-/// replaced only by a newer bar; per bar the stream entry `E-0` (only past
-/// the stream's last entry) and one sorted-set member per metric (for a bar
-/// not past it, replacing any member at the same score); then trimming by
-/// event time relative to the newest bar of the symbol, once. The end state is that of writing the
-/// bars one by one, in fewer Redis commands.
+/// The bars of a batch in one call, symbol after symbol: the marker is
+/// checked and the symbols set extended once; per symbol, the latest hash
+/// is replaced only by a newer bar, each bar past the stream's last entry
+/// becomes the stream entry `E-0` and one sorted-set member per metric (one
+/// `ZADD` per sorted set for all of them), a bar not past it (written
+/// before, by a crashed run or a second consumer) replaces any members at
+/// its score instead, and a bar older than the retention is left out.
+///
+/// Retention is kept to whole granules: the cutoff is `newest - retention`
+/// rounded down to a multiple of `granule`, and the stream and sorted sets
+/// are trimmed only in the call that moves it to a later granule. After
+/// every call a symbol's series hold exactly its bars from the cutoff of its
+/// newest bar on, whichever calls wrote them: the end state is that of
+/// writing the bars one by one and trimming after each, in a fraction of the
+/// Redis commands.
+///
+/// The stream's last entry is the latest hash's `window_end`: both take the
+/// newest bar in the same call, and trimming never reaches it.
 ///
 /// Nothing is written, and -1 returned, when the marker is gone: Redis lost
 /// the data, and writing newer bars into the gap would block the rebuild
 /// (a stream only takes entries newer than its last).
 ///
-/// KEYS: symbols, latest, stream, marker, then one sorted set per metric.
-/// ARGV: symbol, retention_ms, n, m, n field names, per sorted set the
-/// 1-based index of its field, then m bars of window_end and n values ('' =
-/// absent).
+/// KEYS: symbols, marker, then per symbol its latest hash, stream and one
+/// sorted set per metric. ARGV: retention_ms, granule_ms, n, n field names,
+/// s, per sorted set the 1-based index of its field, then per symbol: the
+/// symbol, m, and m bars in ascending window_end, each window_end and n
+/// values ('' = absent). Returns the number of bars.
 const WRITE_BARS: &str = r#"
-if redis.call('EXISTS', KEYS[4]) == 0 then
+if redis.call('EXISTS', KEYS[2]) == 0 then
   return -1
 end
+local retention = tonumber(ARGV[1])
+local granule = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local m = tonumber(ARGV[4])
-local sets = #KEYS - 4
-local base = 4 + n + sets
+local sets = tonumber(ARGV[4 + n])
 local stride = n + 1
-local function fields_of(at)
-  local fields = {}
+local names, set_field = {}, {}
+for i = 1, n do names[i] = ARGV[3 + i] end
+for k = 1, sets do set_field[k] = tonumber(ARGV[4 + n + k]) end
+-- unpack() takes at most a few thousand values: long lists go in chunks.
+local CHUNK = 2000
+local function call_chunked(command, key, list, count)
+  for from = 1, count, CHUNK do
+    redis.call(command, key, unpack(list, from, math.min(count, from + CHUNK - 1)))
+  end
+end
+local function cutoff_of(newest)
+  local c = newest - retention
+  return c - (c % granule)
+end
+-- The field-value pairs of the bar at `at` into `kv`; returns their count.
+local kv = {}
+local function fields(at)
+  local count = 0
   for i = 1, n do
     local value = ARGV[at + i]
     if value ~= '' then
-      table.insert(fields, ARGV[4 + i])
-      table.insert(fields, value)
+      kv[count + 1] = names[i]
+      kv[count + 2] = value
+      count = count + 2
     end
   end
-  return fields
+  return count
 end
-redis.call('SADD', KEYS[1], ARGV[1])
-local newest = tonumber(redis.call('HGET', KEYS[2], 'window_end') or '-1')
-local latest = nil
-for b = 0, m - 1 do
-  local at = base + 1 + b * stride
-  local e = tonumber(ARGV[at])
-  if e > newest then
-    newest = e
-    latest = at
-  end
-end
-if latest ~= nil then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'window_end', ARGV[latest], unpack(fields_of(latest)))
-end
-local cutoff = newest - tonumber(ARGV[2])
-local top = -1
-local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  top = tonumber(string.match(last[1][1], '^(%d+)'))
-end
-for b = 0, m - 1 do
-  local at = base + 1 + b * stride
-  local e = tonumber(ARGV[at])
-  if e >= cutoff then
-    -- Stream and sorted sets are written and trimmed together, so a bar
-    -- past the stream's last entry is in none of them yet; only a bar
-    -- written before may have members to replace.
-    local rewrite = e <= top
-    if not rewrite then
-      redis.call('XADD', KEYS[3], ARGV[at] .. '-0', unpack(fields_of(at)))
-      top = e
+local symbols, written = {}, 0
+local members = {}
+local at, key = 5 + n + sets, 3
+while at <= #ARGV do
+  local m = tonumber(ARGV[at + 1])
+  symbols[#symbols + 1] = ARGV[at]
+  local latest, stream = KEYS[key], KEYS[key + 1]
+  local first, last = at + 2, at + 2 + (m - 1) * stride
+  local old = tonumber(redis.call('HGET', latest, 'window_end') or '-1')
+  local newest = math.max(old, tonumber(ARGV[last]))
+  local cutoff = cutoff_of(newest)
+  if newest > old then
+    local count = fields(last)
+    if old >= 0 and count < 2 * n then
+      redis.call('DEL', latest)
     end
+    redis.call('HSET', latest, 'window_end', ARGV[last], unpack(kv, 1, count))
+  end
+  for k = 1, sets do members[k] = {} end
+  for bar = first, last, stride do
+    local e = tonumber(ARGV[bar])
+    if e >= cutoff then
+      if e > old then
+        redis.call('XADD', stream, ARGV[bar] .. '-0', unpack(kv, 1, fields(bar)))
+      end
+      for k = 1, sets do
+        local value = ARGV[bar + set_field[k]]
+        if e <= old then
+          redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], e, e)
+          if value ~= '' then
+            redis.call('ZADD', KEYS[key + 1 + k], e, ARGV[bar] .. ':' .. value)
+          end
+        elseif value ~= '' then
+          local list = members[k]
+          list[#list + 1] = e
+          list[#list + 1] = ARGV[bar] .. ':' .. value
+        end
+      end
+      written = written + 1
+    end
+  end
+  for k = 1, sets do
+    call_chunked('ZADD', KEYS[key + 1 + k], members[k], #members[k])
+  end
+  if old >= 0 and cutoff > 0 and cutoff > cutoff_of(old) then
+    local text = string.format('%d', cutoff)
+    redis.call('XTRIM', stream, 'MINID', text)
     for k = 1, sets do
-      local value = ARGV[at + tonumber(ARGV[4 + n + k])]
-      if rewrite then
-        redis.call('ZREMRANGEBYSCORE', KEYS[4 + k], e, e)
-      end
-      if value ~= '' then
-        redis.call('ZADD', KEYS[4 + k], e, ARGV[at] .. ':' .. value)
-      end
+      redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], '-inf', '(' .. text)
     end
   end
+  at, key = last + stride, key + 2 + sets
 end
-local cutoff_text = string.format('%d', cutoff)
-redis.call('XTRIM', KEYS[3], 'MINID', cutoff_text)
-for k = 1, sets do
-  redis.call('ZREMRANGEBYSCORE', KEYS[4 + k], '-inf', '(' .. cutoff_text)
-end
-return m
+call_chunked('SADD', KEYS[1], symbols, #symbols)
+return written
 "#;
 
 /// Fields of a bar that also have a sorted set (0-based, in [`fields_of`]
@@ -214,7 +249,7 @@ impl RedisSink {
         }
     }
 
-    /// One pipeline of one script call per symbol, its bars in order.
+    /// One pipeline of script calls, each symbol's bars in order.
     async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
         let pipe = bars_pipeline(&self.script, &self.keys, &self.names, self.retention_ms, bars);
         let replies: Vec<i64> = match pipe.query_async(&mut self.conn).await {
@@ -241,8 +276,20 @@ pub fn write_script() -> Script {
     Script::new(WRITE_BARS)
 }
 
-/// The pipeline that writes `bars`: one call of `script` per symbol with
-/// its bars in order, the symbols in the order they first appear.
+/// Bars per script call, at most (a symbol's bars are never split): Redis
+/// runs a script without serving anyone else, so a call stays a few
+/// milliseconds long.
+const BARS_PER_CALL: usize = 4096;
+
+/// How finely the retention cutoff moves (see [`WRITE_BARS`]): a hundredth
+/// of the retention, at most a minute, at least a millisecond.
+pub fn granule_ms(retention_ms: i64) -> i64 {
+    (retention_ms / 100).clamp(1, 60_000)
+}
+
+/// The pipeline that writes `bars`: calls of `script` with whole symbols'
+/// bars, the symbols in the order they first appear, each symbol's bars in
+/// window order.
 pub fn bars_pipeline(script: &Script, keys: &Keys, names: &MetricNames, retention_ms: i64, bars: &[FinalBar]) -> redis::Pipeline {
     let mut by_symbol: Vec<(&str, Vec<&FinalBar>)> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
@@ -255,23 +302,32 @@ pub fn bars_pipeline(script: &Script, keys: &Keys, names: &MetricNames, retentio
     }
     let field_names = field_names(names);
     let mut pipe = redis::pipe();
-    for (symbol, group) in &by_symbol {
+    let mut groups = by_symbol.iter_mut().peekable();
+    while groups.peek().is_some() {
         let mut invocation = script.prepare_invoke();
-        invocation.key(keys.symbols()).key(keys.latest(symbol)).key(keys.bars(symbol)).key(keys.marker());
-        for &i in &SERIES {
-            invocation.key(keys.series(symbol, &field_names[i]));
-        }
-        invocation.arg(*symbol).arg(retention_ms).arg(field_names.len()).arg(group.len());
+        invocation.key(keys.symbols()).key(keys.marker());
+        invocation.arg(retention_ms).arg(granule_ms(retention_ms)).arg(field_names.len());
         for name in &field_names {
             invocation.arg(name);
         }
+        invocation.arg(SERIES.len());
         for &i in &SERIES {
             invocation.arg(i + 1);
         }
-        for bar in group {
-            invocation.arg(bar.end);
-            for value in field_values(bar) {
-                invocation.arg(value.as_deref().unwrap_or(""));
+        let mut in_call = 0;
+        while let Some((symbol, group)) = groups.next_if(|(_, group)| in_call == 0 || in_call + group.len() <= BARS_PER_CALL) {
+            in_call += group.len();
+            group.sort_by_key(|bar| bar.end);
+            invocation.key(keys.latest(symbol)).key(keys.bars(symbol));
+            for &i in &SERIES {
+                invocation.key(keys.series(symbol, &field_names[i]));
+            }
+            invocation.arg(*symbol).arg(group.len());
+            for bar in group.iter() {
+                invocation.arg(bar.end);
+                for value in field_values(bar) {
+                    invocation.arg(value.as_deref().unwrap_or(""));
+                }
             }
         }
         pipe.invoke_script(&invocation);

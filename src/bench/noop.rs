@@ -61,5 +61,6 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
         }
     }
     summary.seconds = started.elapsed().as_secs_f64();
+    kafka::close_in_background(consumer);
     Ok(summary)
 }

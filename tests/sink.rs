@@ -1,0 +1,123 @@
+//! The Redis sink on its own, against the real Redis: the fixtures' bars
+//! written in different cuts (one call per bar, one for all, uneven pieces,
+//! pieces written again as after a crash) end in the same Redis, and a short
+//! retention keeps exactly the bars from the cutoff of each symbol's newest
+//! bar, rounded down to the retention's granule.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cryptopulse::archive;
+use cryptopulse::digest::{self, Digest};
+use cryptopulse::sink::{self, granule_ms, RedisSink};
+use cryptopulse::window::{FinalBar, PartitionState, WindowConfig};
+use redis::AsyncCommands;
+
+/// Shorter than the fixtures' 345 s, and not a multiple of the bar width.
+const RETENTION_MS: i64 = 250_000;
+
+fn fixture_bars() -> Vec<FinalBar> {
+    let cfg = WindowConfig::default();
+    let mut state = PartitionState::default();
+    let mut bars = Vec::new();
+    for batch in archive::open(Path::new(common::ARCHIVE), 1000).expect("fixtures") {
+        bars.extend(state.apply(&batch.expect("batch"), &cfg).expect("apply").bars);
+    }
+    bars
+}
+
+fn url() -> String {
+    std::env::var("CRYPTOPULSE_REDIS_URL").expect("CRYPTOPULSE_REDIS_URL is not set: run the tests with scripts/test")
+}
+
+/// Writes `calls` (each a slice of bars, one `write` each) under a fresh prefix.
+async fn written(test: &str, retention_ms: i64, calls: &[&[FinalBar]]) -> (String, Digest) {
+    let prefix = common::Lane::new(test).name;
+    let names = WindowConfig::default().names();
+    let mut sink = RedisSink::connect(&url(), &prefix, names, retention_ms, Duration::from_secs(10)).await.expect("redis");
+    sink.check_marker(false).await.expect("marker");
+    for bars in calls {
+        sink.write(bars).await.expect("write");
+    }
+    let mut conn = sink::connect(&url()).await.expect("redis");
+    let digest = digest::digest(&mut conn, &prefix).await.expect("digest");
+    (prefix, digest)
+}
+
+/// Cuts `bars` at the given points.
+fn cut<'a>(bars: &'a [FinalBar], points: &[usize]) -> Vec<&'a [FinalBar]> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for &to in points.iter().chain(std::iter::once(&bars.len())) {
+        out.push(&bars[from..to]);
+        from = to;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bars_written_in_any_cut_or_again_leave_the_same_redis() {
+    let bars = fixture_bars();
+    assert_eq!(bars.len(), 663);
+    for retention_ms in [24 * 3600 * 1000, RETENTION_MS] {
+        let (_, whole) = written("sink-whole", retention_ms, &[&bars]).await;
+        let one_by_one: Vec<&[FinalBar]> = bars.chunks(1).collect();
+        let uneven = cut(&bars, &[1, 2, 50, 51, 300, 301, 302, 640]);
+        // A crash after the first 400 bars reached Redis, recovery from a
+        // checkpoint taken after 150: bars 150..400 are written again.
+        let crashed = [&bars[..400], &bars[150..]];
+        // A second consumer over the same trades, after the first finished.
+        let twice = [&bars[..], &bars[..]];
+        for (name, calls) in [("one by one", one_by_one), ("uneven", uneven), ("crashed", crashed.to_vec()), ("twice", twice.to_vec())] {
+            let (_, digest) = written("sink-cut", retention_ms, &calls).await;
+            assert_eq!(digest.sha256, whole.sha256, "{name}, retention {retention_ms} ms: differs from one write of all bars");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_retention_keeps_the_bars_from_the_granule_below_the_cutoff() {
+    let bars = fixture_bars();
+    let (prefix, digest) = written("sink-retention", RETENTION_MS, &bars.chunks(97).collect::<Vec<_>>()).await;
+    let mut conn = sink::connect(&url()).await.expect("redis");
+    let granule = granule_ms(RETENTION_MS);
+    assert_eq!(granule, 2_500);
+    let mut by_symbol: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for bar in &bars {
+        by_symbol.entry(bar.symbol.as_str()).or_default().push(bar.end);
+    }
+    let mut kept_total = 0;
+    for (symbol, ends) in &by_symbol {
+        let newest = *ends.iter().max().expect("bars");
+        let cutoff = (newest - RETENTION_MS).div_euclid(granule) * granule;
+        let kept: Vec<i64> = ends.iter().copied().filter(|end| *end >= cutoff).collect();
+        assert!(kept.len() < ends.len(), "{symbol}: the retention must trim something for this test to mean anything");
+        kept_total += kept.len();
+
+        let stream: redis::streams::StreamRangeReply = conn.xrange_all(format!("{prefix}:bars:{symbol}")).await.expect("xrange");
+        let ids: Vec<String> = stream.ids.iter().map(|entry| entry.id.clone()).collect();
+        assert_eq!(ids, kept.iter().map(|end| format!("{end}-0")).collect::<Vec<_>>(), "{symbol}: stream entries");
+
+        for metric in ["close", "volume", "vwap_1s", "vwap_5s", "rsi_14"] {
+            let members: Vec<(String, f64)> =
+                conn.zrange_withscores(format!("{prefix}:ts:{symbol}:{metric}"), 0, -1).await.expect("zrange");
+            let scores: Vec<i64> = members.iter().map(|(_, score)| *score as i64).collect();
+            let want: Vec<i64> = if metric == "rsi_14" {
+                let with_rsi: Vec<i64> = bars.iter().filter(|bar| bar.symbol == *symbol && bar.rsi.is_some()).map(|bar| bar.end).collect();
+                with_rsi.into_iter().filter(|end| *end >= cutoff).collect()
+            } else {
+                kept.clone()
+            };
+            assert_eq!(scores, want, "{symbol} {metric}: one member per kept bar");
+            for (member, score) in &members {
+                assert!(member.starts_with(&format!("{}:", *score as i64)), "{symbol} {metric}: member {member} at {score}");
+            }
+        }
+        let latest: BTreeMap<String, String> = conn.hgetall(format!("{prefix}:latest:{symbol}")).await.expect("hgetall");
+        assert_eq!(latest.get("window_end"), Some(&newest.to_string()), "{symbol}: latest hash");
+    }
+    assert!(digest.keys > 0 && kept_total > 0);
+}
