@@ -192,10 +192,21 @@ fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
 ///
 /// `fetch.queue.backoff.ms` 20 instead of librdkafka's 1000: with the
 /// default, fetching pauses for a second whenever the local queue is full,
-/// and a million-trade catch-up took 5.6 s instead of 2.3 s (README,
-/// Benchmarks).
+/// and a million-trade catch-up took 5.6 s instead of 2.3 s. The prefetch
+/// is bounded (512 KiB per partition fetch, 16 MiB and 20,000 records per
+/// partition queued) instead of librdkafka's 1 MiB, 64 MiB and 100,000: a
+/// consumer behind the broker held most of a million-trade topic
+/// decompressed in memory, 250 MiB at 10,000 symbols, with no gain in speed
+/// (README, Benchmarks).
 pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientConfig> {
-    let mut client = kafka.config_with(&[("group.id", group_id), ("fetch.wait.max.ms", "50"), ("fetch.queue.backoff.ms", "20")])?;
+    let mut client = kafka.config_with(&[
+        ("group.id", group_id),
+        ("fetch.wait.max.ms", "50"),
+        ("fetch.queue.backoff.ms", "20"),
+        ("max.partition.fetch.bytes", "524288"),
+        ("queued.max.messages.kbytes", "16384"),
+        ("queued.min.messages", "20000"),
+    ])?;
     // Not negotiable: offsets come from the checkpoint, and an offset the
     // broker no longer has is an error, never a silent jump.
     client
