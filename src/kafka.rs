@@ -190,13 +190,6 @@ impl DeadLetters {
         })
     }
 
-    fn producer(&mut self) -> Result<&FutureProducer> {
-        if self.producer.is_none() {
-            self.producer = Some(self.config.create().map_err(|e| Error::kafka("dead-letter producer", e))?);
-        }
-        self.producer.as_ref().ok_or_else(|| Error::Config("dead-letter producer missing".into()))
-    }
-
     /// Queues one dead letter; waits for earlier ones when the queue is full.
     pub async fn send(&mut self, letter: &DeadLetter) -> Result<()> {
         let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
@@ -207,12 +200,15 @@ impl DeadLetters {
             .insert(Header { key: "source.partition", value: Some(&partition) })
             .insert(Header { key: "source.offset", value: Some(&offset) });
         loop {
-            let topic = self.topic.clone();
-            let mut record = FutureRecord::to(&topic).payload(&letter.payload).headers(headers.clone());
+            let producer = match &mut self.producer {
+                Some(producer) => producer,
+                slot @ None => slot.insert(self.config.create().map_err(|e| Error::kafka("dead-letter producer", e))?),
+            };
+            let mut record = FutureRecord::to(&self.topic).payload(&letter.payload).headers(headers.clone());
             if let Some(key) = &letter.key {
                 record = record.key(key);
             }
-            match self.producer()?.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     self.pending.push(delivery);
                     self.sent += 1;
@@ -344,18 +340,17 @@ fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &m
         let timeout = match deadline {
             None => Duration::from_millis(100),
             Some(_) if rows % CLOCK_EVERY != 0 => Duration::ZERO,
-            Some(at) => match at.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Duration::ZERO,
-                _ => break,
-            },
+            Some(at) if Instant::now() >= at => break,
+            Some(_) => Duration::ZERO,
         };
-        let polled = match consumer.poll(timeout) {
-            None if deadline.is_none() => return Ok((pending, rejected, first)),
-            None => match deadline.and_then(|at| at.checked_duration_since(Instant::now())) {
-                Some(left) if !left.is_zero() => consumer.poll(left),
-                _ => break,
+        let polled = match (consumer.poll(timeout), deadline) {
+            (None, None) => return Ok((pending, rejected, first)),
+            // The queue ran dry: wait for more until the deadline.
+            (None, Some(at)) => match at.saturating_duration_since(Instant::now()) {
+                left if left.is_zero() => break,
+                left => consumer.poll(left),
             },
-            some => some,
+            (some, _) => some,
         };
         let message = match polled {
             None => break,
@@ -416,17 +411,16 @@ fn is_fatal(error: &KafkaError) -> bool {
 }
 
 /// Drops librdkafka clients on a thread of their own. Dropping a consumer
-/// that has
-/// a group closes it and waits in steps of 100 ms for that to finish, and a
-/// producer stops its polling thread the same way: a tenth of a second or
-/// two added to the end of every run, of the consumer and of the
+/// that has a group closes it and waits in steps of 100 ms for that to
+/// finish, and a producer stops its polling thread the same way: a tenth of
+/// a second or two added to the end of every run, of the consumer and of the
 /// benchmark's no-op consumer alike. Nothing is left to them: offsets are in
 /// the checkpoint, the last commit for monitoring was synchronous and every
 /// dead letter was acknowledged.
 pub fn close_in_background<T: Send + 'static>(clients: T) {
     let spawned = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(clients));
     if let Err(e) = spawned {
-        warn!(error = %e, "no thread to close the kafka consumer on");
+        warn!(error = %e, "no thread to close the kafka clients on; they are closed when the process ends");
     }
 }
 

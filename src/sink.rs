@@ -55,9 +55,9 @@ for i = 1, n do names[i] = ARGV[3 + i] end
 for k = 1, sets do set_field[k] = tonumber(ARGV[4 + n + k]) end
 -- unpack() takes at most a few thousand values: long lists go in chunks.
 local CHUNK = 2000
-local function call_chunked(command, key, list, count)
-  for from = 1, count, CHUNK do
-    redis.call(command, key, unpack(list, from, math.min(count, from + CHUNK - 1)))
+local function call_chunked(command, key, list)
+  for from = 1, #list, CHUNK do
+    redis.call(command, key, unpack(list, from, math.min(#list, from + CHUNK - 1)))
   end
 end
 local function cutoff_of(newest)
@@ -120,7 +120,7 @@ while at <= #ARGV do
     end
   end
   for k = 1, sets do
-    call_chunked('ZADD', KEYS[key + 1 + k], members[k], #members[k])
+    call_chunked('ZADD', KEYS[key + 1 + k], members[k])
   end
   if old >= 0 and cutoff > 0 and cutoff > cutoff_of(old) then
     local text = string.format('%d', cutoff)
@@ -131,7 +131,7 @@ while at <= #ARGV do
   end
   at, key = last + stride, key + 2 + sets
 end
-call_chunked('SADD', KEYS[1], symbols, #symbols)
+call_chunked('SADD', KEYS[1], symbols)
 return written
 "#;
 
