@@ -7,7 +7,11 @@
 //! Rotation (lifetime reached, or the server announces its shutdown) opens
 //! the next connection first and keeps reading the old one until it has
 //! delivered a trade the new one already sent, so the two overlap and no
-//! trade falls between them; the sequencer drops the overlap by id.
+//! trade falls between them; the sequencer drops the overlap by id. Until
+//! the old connection is gone, the new one's frames are held back: both
+//! carry the same trades at nearly the same moment, and a newer trade from
+//! the new connection reaching the sequencer before an older one from the
+//! old would look like a gap (and cost a REST request).
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -160,20 +164,27 @@ async fn serve(slot: usize, config: &SlotConfig, socket: Socket, events: &mpsc::
     let mut retiring: Retiring = None;
     let mut rotate_at = Instant::now() + config.lifetime;
     let mut delivered = false;
+    // The new connection's frames while the old one is still being read.
+    let mut held: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval((config.silence_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
     loop {
         tokio::select! {
             message = primary.socket.next() => {
                 primary.heard = Instant::now();
                 match read(message) {
-                    Err(e) => return (End::Lost(e), delivered),
+                    Err(e) => {
+                        let _ = release(&mut held, events).await;
+                        return (End::Lost(e), delivered);
+                    }
                     Ok(Read::Forward(text, trade)) => {
-                        // Only while rotating is a trade's key needed.
-                        if let (Some((_, first @ None, _)), true) = (&mut retiring, trade) {
-                            *first = trade_key(&text);
-                        }
                         delivered |= trade;
-                        if events.send(Event::Frame(text)).await.is_err() {
+                        if let Some((_, first, _)) = &mut retiring {
+                            // Only while rotating is a trade's key needed.
+                            if trade && first.is_none() {
+                                *first = trade_key(&text);
+                            }
+                            held.push(text);
+                        } else if events.send(Event::Frame(text)).await.is_err() {
                             return (End::Stopped, delivered);
                         }
                     }
@@ -210,6 +221,7 @@ async fn serve(slot: usize, config: &SlotConfig, socket: Socket, events: &mpsc::
             _ = tick.tick() => {
                 let now = Instant::now();
                 if now.duration_since(primary.heard) > config.silence_timeout {
+                    let _ = release(&mut held, events).await;
                     let silent = Error::binance("websocket", format!("no data or ping for {:?}", config.silence_timeout));
                     return (End::Lost(silent), delivered);
                 }
@@ -239,7 +251,20 @@ async fn serve(slot: usize, config: &SlotConfig, socket: Socket, events: &mpsc::
                 }
             }
         }
+        if retiring.is_none() && !held.is_empty() && !release(&mut held, events).await {
+            return (End::Stopped, delivered);
+        }
     }
+}
+
+/// Sends the frames held back during a rotation; false if the receiver is gone.
+async fn release(held: &mut Vec<String>, events: &mpsc::Sender<Event>) -> bool {
+    for text in held.drain(..) {
+        if events.send(Event::Frame(text)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 type Retiring = Option<(Live, Option<(String, i64)>, Instant)>;
