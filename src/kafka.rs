@@ -290,7 +290,9 @@ pub fn run_source(
     tx: &mpsc::Sender<SourceEvent>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let mut unfinished: HashMap<i32, i64> = options.end_offsets.clone().unwrap_or_default();
+    // Looked up per record: a handful of partitions, cheaper in a BTreeMap
+    // than hashed.
+    let mut unfinished: BTreeMap<i32, i64> = options.end_offsets.iter().flatten().map(|(p, end)| (*p, *end)).collect();
     unfinished.retain(|p, end| positions.get(p).is_none_or(|pos| pos < end));
     while !stop.load(Ordering::Relaxed) {
         if options.end_offsets.is_some() && unfinished.is_empty() {
@@ -327,7 +329,7 @@ type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 const CLOCK_EVERY: usize = 256;
 
 /// One batch: up to `max_rows` records or `linger` after the first one.
-fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &mut HashMap<i32, i64>) -> Result<Round> {
+fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
     let mut rows = 0;

@@ -106,13 +106,14 @@ while at <= #ARGV do
       for k = 1, sets do
         local value = ARGV[bar + set_field[k]]
         if e <= old then
-          redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], e, e)
+          redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], ARGV[bar], ARGV[bar])
           if value ~= '' then
-            redis.call('ZADD', KEYS[key + 1 + k], e, ARGV[bar] .. ':' .. value)
+            redis.call('ZADD', KEYS[key + 1 + k], ARGV[bar], ARGV[bar] .. ':' .. value)
           end
         elseif value ~= '' then
+          -- The score as its string: a Lua number would be printed again.
           local list = members[k]
-          list[#list + 1] = e
+          list[#list + 1] = ARGV[bar]
           list[#list + 1] = ARGV[bar] .. ':' .. value
         end
       end
@@ -162,13 +163,39 @@ impl Keys {
         format!("{}:symbols", self.prefix)
     }
     pub fn latest(&self, symbol: &str) -> String {
-        format!("{}:latest:{symbol}", self.prefix)
+        let mut key = String::new();
+        self.write_latest(&mut key, symbol);
+        key
     }
     pub fn series(&self, symbol: &str, metric: &str) -> String {
-        format!("{}:ts:{symbol}:{metric}", self.prefix)
+        let mut key = String::new();
+        self.write_series(&mut key, symbol, metric);
+        key
     }
     pub fn bars(&self, symbol: &str) -> String {
-        format!("{}:bars:{symbol}", self.prefix)
+        let mut key = String::new();
+        self.write_bars(&mut key, symbol);
+        key
+    }
+    /// [`Keys::latest`] into `out`, replacing what it held.
+    pub fn write_latest(&self, out: &mut String, symbol: &str) {
+        self.write(out, &["latest", symbol]);
+    }
+    /// [`Keys::series`] into `out`, replacing what it held.
+    pub fn write_series(&self, out: &mut String, symbol: &str, metric: &str) {
+        self.write(out, &["ts", symbol, metric]);
+    }
+    /// [`Keys::bars`] into `out`, replacing what it held.
+    pub fn write_bars(&self, out: &mut String, symbol: &str) {
+        self.write(out, &["bars", symbol]);
+    }
+    fn write(&self, out: &mut String, parts: &[&str]) {
+        out.clear();
+        out.push_str(&self.prefix);
+        for part in parts {
+            out.push(':');
+            out.push_str(part);
+        }
     }
     /// Kept next to the data: if it is gone, so is the data.
     pub fn marker(&self) -> String {
@@ -291,48 +318,82 @@ pub fn granule_ms(retention_ms: i64) -> i64 {
 /// bars, the symbols in the order they first appear, each symbol's bars in
 /// window order.
 pub fn bars_pipeline(script: &Script, keys: &Keys, names: &MetricNames, retention_ms: i64, bars: &[FinalBar]) -> redis::Pipeline {
-    let mut by_symbol: Vec<(&str, Vec<&FinalBar>)> = Vec::new();
+    let mut groups = by_symbol(bars);
+    let field_names = field_names(names);
+    let mut pipe = redis::pipe();
+    let mut rest = groups.as_mut_slice();
+    while !rest.is_empty() {
+        let mut take = 1;
+        let mut in_call = rest[0].1.len();
+        while take < rest.len() && in_call + rest[take].1.len() <= BARS_PER_CALL {
+            in_call += rest[take].1.len();
+            take += 1;
+        }
+        let (call, later) = rest.split_at_mut(take);
+        pipe.add_command(script_call(script, keys, &field_names, retention_ms, call));
+        rest = later;
+    }
+    pipe
+}
+
+/// A symbol and its bars, in window order.
+type SymbolBars<'a> = (&'a str, Vec<&'a FinalBar>);
+
+fn by_symbol(bars: &[FinalBar]) -> Vec<SymbolBars<'_>> {
+    let mut groups: Vec<SymbolBars<'_>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for bar in bars {
         let at = *index.entry(bar.symbol.as_str()).or_insert_with(|| {
-            by_symbol.push((bar.symbol.as_str(), Vec::new()));
-            by_symbol.len() - 1
+            groups.push((bar.symbol.as_str(), Vec::new()));
+            groups.len() - 1
         });
-        by_symbol[at].1.push(bar);
+        groups[at].1.push(bar);
     }
-    let field_names = field_names(names);
-    let mut pipe = redis::pipe();
-    let mut groups = by_symbol.iter_mut().peekable();
-    while groups.peek().is_some() {
-        let mut invocation = script.prepare_invoke();
-        invocation.key(keys.symbols()).key(keys.marker());
-        invocation.arg(retention_ms).arg(granule_ms(retention_ms)).arg(field_names.len());
-        for name in &field_names {
-            invocation.arg(name);
-        }
-        invocation.arg(SERIES.len());
+    for (_, group) in &mut groups {
+        group.sort_by_key(|bar| bar.end);
+    }
+    groups
+}
+
+/// One `EVALSHA` of [`WRITE_BARS`] for `groups`, built as a plain command:
+/// a script invocation keeps every key and argument in a vector of its own,
+/// and with thousands of symbols a batch has two dozen of them per bar.
+/// Keys and values are formatted into one reused buffer.
+fn script_call(script: &Script, keys: &Keys, field_names: &[String; 8], retention_ms: i64, groups: &[SymbolBars<'_>]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(2 + groups.len() * (2 + SERIES.len()));
+    let mut buf = String::with_capacity(64);
+    cmd.arg(keys.symbols()).arg(keys.marker());
+    for (symbol, _) in groups {
+        keys.write_latest(&mut buf, symbol);
+        cmd.arg(buf.as_str());
+        keys.write_bars(&mut buf, symbol);
+        cmd.arg(buf.as_str());
         for &i in &SERIES {
-            invocation.arg(i + 1);
+            keys.write_series(&mut buf, symbol, &field_names[i]);
+            cmd.arg(buf.as_str());
         }
-        let mut in_call = 0;
-        while let Some((symbol, group)) = groups.next_if(|(_, group)| in_call == 0 || in_call + group.len() <= BARS_PER_CALL) {
-            in_call += group.len();
-            group.sort_by_key(|bar| bar.end);
-            invocation.key(keys.latest(symbol)).key(keys.bars(symbol));
-            for &i in &SERIES {
-                invocation.key(keys.series(symbol, &field_names[i]));
-            }
-            invocation.arg(*symbol).arg(group.len());
-            for bar in group.iter() {
-                invocation.arg(bar.end);
-                for value in field_values(bar) {
-                    invocation.arg(value.as_deref().unwrap_or(""));
-                }
-            }
-        }
-        pipe.invoke_script(&invocation);
     }
-    pipe
+    cmd.arg(retention_ms).arg(granule_ms(retention_ms)).arg(field_names.len());
+    for name in field_names {
+        cmd.arg(name.as_str());
+    }
+    cmd.arg(SERIES.len());
+    for &i in &SERIES {
+        cmd.arg(i + 1);
+    }
+    for (symbol, group) in groups {
+        cmd.arg(*symbol).arg(group.len());
+        for bar in group {
+            cmd.arg(bar.end);
+            for field in 0..field_names.len() {
+                buf.clear();
+                write_field(bar, field, &mut buf);
+                cmd.arg(buf.as_str());
+            }
+        }
+    }
+    cmd
 }
 
 /// The fields of a bar in the latest hash and the stream, in a fixed order:
@@ -359,15 +420,29 @@ pub fn field_names(names: &MetricNames) -> [String; 8] {
 
 /// The values of [`fields_of`], `None` where a value is absent.
 pub fn field_values(bar: &FinalBar) -> [Option<String>; 8] {
-    let fixed = |units: i128| Some(decimal::format(units, decimal::SCALE as u32));
-    [
-        fixed(bar.bar.close),
-        fixed(bar.bar.volume),
-        Some(bar.bar.trades.to_string()),
-        fixed(bar.bar.buy_volume),
-        fixed(bar.bar.sell_volume()),
-        Some(bar.vwap_bar.to_string()),
-        Some(bar.vwap_long.to_string()),
-        bar.rsi.map(|v| v.to_string()),
-    ]
+    std::array::from_fn(|field| {
+        let mut value = String::new();
+        write_field(bar, field, &mut value).then_some(value)
+    })
+}
+
+/// Appends field `field` (in [`fields_of`] order) of `bar` to `out`; false,
+/// and nothing appended, when the value is absent.
+fn write_field(bar: &FinalBar, field: usize, out: &mut String) -> bool {
+    use std::fmt::Write;
+    let fixed = |out: &mut String, units: i128| decimal::write(out, units, decimal::SCALE as u32);
+    let _ = match field {
+        0 => fixed(out, bar.bar.close),
+        1 => fixed(out, bar.bar.volume),
+        2 => write!(out, "{}", bar.bar.trades),
+        3 => fixed(out, bar.bar.buy_volume),
+        4 => fixed(out, bar.bar.sell_volume()),
+        5 => write!(out, "{}", bar.vwap_bar),
+        6 => write!(out, "{}", bar.vwap_long),
+        _ => match bar.rsi {
+            Some(rsi) => write!(out, "{rsi}"),
+            None => return false,
+        },
+    };
+    true
 }

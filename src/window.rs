@@ -263,13 +263,18 @@ impl PartitionState {
     pub fn apply(&mut self, batch: &RecordBatch, cfg: &WindowConfig) -> Result<BatchOutput> {
         let cols = TradeColumns::new(batch)?;
         let mut out = BatchOutput::default();
-        for (symbol, rows) in group_by_symbol(&cols) {
+        let groups = SymbolGroups::of(&cols);
+        // Reused from symbol to symbol: with thousands of symbols a batch
+        // holds a row or two of each, and a vector per symbol costs more.
+        let (mut accepted, mut bars) = (Vec::new(), Vec::new());
+        for (symbol, rows) in groups.iter() {
             if !self.symbols.contains_key(symbol) {
                 self.symbols.insert(symbol.to_owned(), SymbolWindow::default());
             }
             let window = self.symbols.get_mut(symbol).ok_or_else(|| Error::Config("symbol vanished".into()))?;
-            let accepted = window.admit(&rows, &cols, cfg, &mut self.counts, &mut out.late_rows);
-            for bar in bars_of(&cols, &accepted, cfg) {
+            window.admit(rows, &cols, cfg, &mut self.counts, &mut out.late_rows, &mut accepted);
+            bars_of(&cols, &accepted, cfg, &mut bars);
+            for bar in bars.drain(..) {
                 if let Some(done) = window.add_bar(bar) {
                     out.bars.push(window.finalize(symbol, done, cfg));
                 }
@@ -296,35 +301,76 @@ impl PartitionState {
     }
 }
 
-/// Row indices per symbol, symbols in order of first appearance, rows in order.
-fn group_by_symbol<'a>(cols: &TradeColumns<'a>) -> Vec<(&'a str, Vec<u32>)> {
-    let values = cols.symbol_values;
-    // A dictionary may hold a symbol twice (concatenated batches): map each
-    // key to one group per distinct symbol.
-    let mut group_of_key = vec![usize::MAX; values.len()];
-    let mut group_of_symbol: HashMap<&str, usize> = HashMap::new();
-    let mut groups: Vec<(&str, Vec<u32>)> = Vec::new();
-    for (row, &key) in cols.symbol.keys().values().iter().enumerate() {
-        let key = key as usize;
-        if group_of_key[key] == usize::MAX {
-            let symbol = values.value(key);
-            group_of_key[key] = *group_of_symbol.entry(symbol).or_insert_with(|| {
-                groups.push((symbol, Vec::new()));
-                groups.len() - 1
-            });
+/// Row indices per symbol, symbols in order of first appearance, rows in
+/// order: one flat vector sorted by group (a counting sort), not a vector
+/// per symbol.
+struct SymbolGroups<'a> {
+    symbols: Vec<&'a str>,
+    /// Group `g` is `rows[starts[g]..starts[g + 1]]`.
+    starts: Vec<usize>,
+    rows: Vec<u32>,
+}
+
+impl<'a> SymbolGroups<'a> {
+    fn of(cols: &TradeColumns<'a>) -> Self {
+        let values = cols.symbol_values;
+        let keys = cols.symbol.keys().values();
+        // A dictionary may hold a symbol twice (concatenated batches): map
+        // each key to one group per distinct symbol.
+        let mut group_of_key = vec![u32::MAX; values.len()];
+        let mut group_of_symbol: HashMap<&str, u32> = HashMap::new();
+        let mut symbols: Vec<&str> = Vec::new();
+        let mut counts: Vec<usize> = Vec::new();
+        let mut group_of_row = Vec::with_capacity(keys.len());
+        for &key in keys.iter() {
+            let key = key as usize;
+            if group_of_key[key] == u32::MAX {
+                let symbol = values.value(key);
+                group_of_key[key] = *group_of_symbol.entry(symbol).or_insert_with(|| {
+                    symbols.push(symbol);
+                    counts.push(0);
+                    (symbols.len() - 1) as u32
+                });
+            }
+            let group = group_of_key[key];
+            counts[group as usize] += 1;
+            group_of_row.push(group);
         }
-        groups[group_of_key[key]].1.push(row as u32);
+        let mut starts = Vec::with_capacity(symbols.len() + 1);
+        starts.push(0);
+        for count in &counts {
+            starts.push(starts[starts.len() - 1] + count);
+        }
+        let mut next = starts.clone();
+        let mut rows = vec![0; keys.len()];
+        for (row, &group) in group_of_row.iter().enumerate() {
+            rows[next[group as usize]] = row as u32;
+            next[group as usize] += 1;
+        }
+        SymbolGroups { symbols, starts, rows }
     }
-    groups
+
+    fn iter(&self) -> impl Iterator<Item = (&'a str, &[u32])> + '_ {
+        self.symbols.iter().enumerate().map(|(g, &symbol)| (symbol, &self.rows[self.starts[g]..self.starts[g + 1]]))
+    }
 }
 
 impl SymbolWindow {
-    /// Drops duplicates, sets aside late trades and returns the rows to apply.
-    fn admit(&mut self, rows: &[u32], cols: &TradeColumns<'_>, cfg: &WindowConfig, counts: &mut Counts, late: &mut Vec<usize>) -> Vec<u32> {
+    /// Drops duplicates, sets aside late trades and puts the rows to apply
+    /// in `accepted` (replacing what it held).
+    fn admit(
+        &mut self,
+        rows: &[u32],
+        cols: &TradeColumns<'_>,
+        cfg: &WindowConfig,
+        counts: &mut Counts,
+        late: &mut Vec<usize>,
+        accepted: &mut Vec<u32>,
+    ) {
         let (ids, times) = (cols.id.values(), cols.time.values());
         let mut open_start = self.open.as_ref().map(|bar| bar.start);
         let closed_through = self.rsi.last_start;
-        let mut accepted = Vec::with_capacity(rows.len());
+        accepted.clear();
         for &row in rows {
             let (id, start) = (ids[row as usize], cfg.bar_start(times[row as usize]));
             if self.last_id.is_some_and(|last| id <= last) {
@@ -339,7 +385,6 @@ impl SymbolWindow {
             }
         }
         counts.applied += accepted.len() as u64;
-        accepted
     }
 
     /// Adds the trades of one bar; returns the previous bar if this made it final.
@@ -376,9 +421,9 @@ impl SymbolWindow {
 /// in one pass over the column values. A plain loop rather than Arrow
 /// kernels per bar: with thousands of symbols a batch holds a row or two
 /// per symbol, and a kernel call per bar and column cost more than the sums.
-fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig) -> Vec<Bar> {
+/// The bars go to `bars`, which is empty on entry.
+fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig, bars: &mut Vec<Bar>) {
     let (times, prices, qtys) = (cols.time.values(), cols.price.values(), cols.qty.values());
-    let mut bars: Vec<Bar> = Vec::new();
     for &row in accepted {
         let row = row as usize;
         let (start, price, qty) = (cfg.bar_start(times[row]), prices[row], qtys[row]);
@@ -407,7 +452,6 @@ fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig) -> Vec
             }),
         }
     }
-    bars
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! The consumer loop: Kafka batches in, window state updated, bars to Redis,
 //! then a checkpoint of state and offsets (SPEC §7). Side effect first, then
 //! mark done: a checkpoint is written only after Redis acknowledged every bar
-//! and the broker every dead letter it covers.
+//! and the broker every dead letter it covers. The Redis writes and the
+//! checkpoints run in order on the [`writer`] task, beside the loop.
+
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -10,10 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::binance::Reject;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
@@ -26,7 +29,9 @@ use crate::kafka::{
 use crate::metrics::{self as health, ConsumerMetrics};
 use crate::sink::RedisSink;
 use crate::trade::TradeColumns;
+use crate::window::FinalBar;
 use crate::window::{Counts, WindowConfig};
+use writer::{Work, Writer};
 
 /// Everything the consumer needs to run.
 #[derive(Debug, Clone)]
@@ -121,26 +126,33 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
             .map_err(|e| Error::io("kafka-source thread", e))?
     };
 
+    let committed = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+    let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
     let mut consumer_loop = Loop {
         config,
-        store,
-        consumer,
-        sink,
+        writer: Some(writer),
         dead_letters,
         partitions,
         dirty: BTreeSet::new(),
         since_checkpoint: 0,
         last_checkpoint: Instant::now(),
-        last_commit: None,
         summary: Summary::default(),
         metrics: ConsumerMetrics::new(),
     };
     let result = consumer_loop.run(rx, shutdown).await;
     stop.store(true, Ordering::Relaxed);
     let source_result = source.join().map_err(|_| Error::Config("kafka source thread panicked".into()))?;
+    // On an error the writer still finishes what it was given (all of it
+    // consistent: a checkpoint only follows its bars) and so lets go of the
+    // store before a rewind opens it again.
+    let written = match consumer_loop.writer.take() {
+        Some(writer) => writer.finish().await.map(|_| ()),
+        None => Ok(()),
+    };
     result?;
     source_result?;
-    let Loop { consumer, dead_letters, partitions, mut summary, .. } = consumer_loop;
+    written?;
+    let Loop { dead_letters, partitions, mut summary, .. } = consumer_loop;
     // Every dead letter is acknowledged (the last checkpoint waited for them).
     kafka::close_in_background((consumer, dead_letters));
     summary.counts = partitions.values().fold(Counts::default(), |mut total, p| {
@@ -249,16 +261,14 @@ fn assign(consumer: &SourceConsumer, config: &ConsumerConfig, checkpoints: &BTre
 
 struct Loop {
     config: ConsumerConfig,
-    store: Arc<CheckpointStore>,
-    consumer: Arc<SourceConsumer>,
-    sink: RedisSink,
+    /// Taken at shutdown, when the loop waits for it to finish.
+    writer: Option<Writer>,
     dead_letters: DeadLetters,
     partitions: BTreeMap<i32, PartitionCheckpoint>,
     /// Partitions changed since the last checkpoint.
     dirty: BTreeSet<i32>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
-    last_commit: Option<Instant>,
     summary: Summary,
     metrics: ConsumerMetrics,
 }
@@ -310,11 +320,9 @@ impl Loop {
         self.since_checkpoint += records;
         self.metrics.records.increment(records);
         faults::crash_point("after_state_update");
-        self.sink.write(&bars).await?;
-        self.metrics.bars_written(&bars, polled_at);
-        faults::crash_point("after_redis_write");
+        self.write(bars, polled_at).await?;
         if self.since_checkpoint >= self.config.checkpoint_records {
-            self.checkpoint().await?;
+            self.checkpoint(false).await?;
         }
         Ok(())
     }
@@ -331,57 +339,44 @@ impl Loop {
                     bars.extend(closed);
                 }
             }
-            self.sink.write(&bars).await?;
-            self.metrics.bars_written(&bars, ticked);
+            self.write(bars, ticked).await?;
         }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
-            self.checkpoint().await?;
+            self.checkpoint(false).await?;
         }
         Ok(())
     }
 
-    /// Dead letters acknowledged, then state and offsets in one synced batch,
-    /// then (for lag monitoring only) the same offsets to the group.
-    async fn checkpoint(&mut self) -> Result<()> {
-        self.dead_letters.flush().await?;
-        if self.dirty.is_empty() {
+    async fn write(&mut self, bars: Vec<FinalBar>, polled_at: Instant) -> Result<()> {
+        if bars.is_empty() {
             return Ok(());
         }
-        let changed: Vec<(i32, PartitionCheckpoint)> =
-            self.dirty.iter().filter_map(|p| Some((*p, self.partitions.get(p)?.clone()))).collect();
-        let store = self.store.clone();
-        let saved = changed.clone();
-        tokio::task::spawn_blocking(move || store.save(saved.iter().map(|(p, c)| (*p, c))))
-            .await
-            .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))??;
+        self.writer()?.send(Work::Bars { bars, polled_at }).await
+    }
+
+    /// Dead letters acknowledged, then the changed partitions' state and
+    /// offsets handed to the writer, which saves them after the bars before.
+    async fn checkpoint(&mut self, last: bool) -> Result<()> {
+        self.dead_letters.flush().await?;
+        if self.dirty.is_empty() && !last {
+            return Ok(());
+        }
+        let partitions = self.dirty.iter().filter_map(|p| Some((*p, self.partitions.get(p)?.clone()))).collect();
+        self.writer()?.send(Work::Checkpoint { partitions, last }).await?;
         self.dirty.clear();
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
-        self.summary.checkpoints += 1;
-        self.commit_for_monitoring(false);
         Ok(())
     }
 
-    /// At most once a second (and at shutdown): each commit is a request
-    /// librdkafka finishes before the consumer can close.
-    fn commit_for_monitoring(&mut self, last: bool) {
-        if !last && self.last_commit.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
-            return;
-        }
-        self.last_commit = Some(Instant::now());
-        let mut list = TopicPartitionList::new();
-        for (partition, checkpoint) in &self.partitions {
-            let _ = list.add_partition_offset(&self.config.kafka.topic, *partition, Offset::Offset(checkpoint.next_offset));
-        }
-        let mode = if last { CommitMode::Sync } else { CommitMode::Async };
-        if let Err(e) = self.consumer.commit(&list, mode) {
-            warn!(error = %e, "offset commit for lag monitoring failed; checkpoints are unaffected");
-        }
+    fn writer(&mut self) -> Result<&mut Writer> {
+        self.writer.as_mut().ok_or_else(|| Error::Config("the consumer's writer is already finished".into()))
     }
 
     async fn shutdown(&mut self) -> Result<()> {
-        self.checkpoint().await?;
-        self.commit_for_monitoring(true);
+        self.checkpoint(true).await?;
+        let writer = self.writer.take().ok_or_else(|| Error::Config("the consumer's writer is already finished".into()))?;
+        self.summary.checkpoints = writer.finish().await?;
         self.summary.dead_letters = self.dead_letters.sent();
         info!(
             records = self.summary.records,

@@ -1,0 +1,152 @@
+//! The consumer's writer: bars to Redis, then checkpoints, on a task of its
+//! own, so the loop decodes and computes the next batch while Redis and
+//! RocksDB work on this one.
+//!
+//! Work is done strictly in the order the loop sent it, one request at a
+//! time: a Redis write that fails is retried before anything after it
+//! starts, so each symbol's bars reach Redis in order, and a checkpoint is
+//! written only after Redis acknowledged every bar sent before it (SPEC §7,
+//! side effect first). The channel holds one item: the loop runs at most a
+//! batch ahead of what is written.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::error::{Error, Result};
+use crate::faults;
+use crate::kafka::SourceConsumer;
+use crate::metrics::ConsumerMetrics;
+use crate::sink::RedisSink;
+use crate::window::FinalBar;
+
+/// One unit of work for the writer.
+pub enum Work {
+    /// Final bars, and when the first record of the batch that closed them
+    /// was polled (bar latency is measured from there to Redis's reply).
+    Bars { bars: Vec<FinalBar>, polled_at: Instant },
+    /// State and next offsets of the partitions changed since the last
+    /// checkpoint, as they were after the bars sent before it.
+    Checkpoint { partitions: Vec<(i32, PartitionCheckpoint)>, last: bool },
+}
+
+/// The loop's end of the writer.
+pub struct Writer {
+    tx: mpsc::Sender<Work>,
+    /// Taken when the writer is waited for: a task is joined once.
+    task: Option<JoinHandle<Result<u64>>>,
+}
+
+/// What the writer task owns.
+struct Task {
+    sink: RedisSink,
+    store: Arc<CheckpointStore>,
+    consumer: Arc<SourceConsumer>,
+    topic: String,
+    /// Every partition's checkpointed next offset, committed for lag monitoring.
+    committed: BTreeMap<i32, i64>,
+    last_commit: Option<Instant>,
+    checkpoints: u64,
+    metrics: ConsumerMetrics,
+}
+
+impl Writer {
+    /// Starts the writer task on the current runtime. `committed`: every
+    /// partition's next offset as loaded from the checkpoint.
+    pub fn spawn(
+        sink: RedisSink,
+        store: Arc<CheckpointStore>,
+        consumer: Arc<SourceConsumer>,
+        topic: String,
+        committed: BTreeMap<i32, i64>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        let task = Task { sink, store, consumer, topic, committed, last_commit: None, checkpoints: 0, metrics: ConsumerMetrics::new() };
+        Writer { tx, task: Some(tokio::spawn(task.run(rx))) }
+    }
+
+    /// Hands over work, waiting while the writer is busy with the previous
+    /// item. If the writer stopped on an error, that error.
+    pub async fn send(&mut self, work: Work) -> Result<()> {
+        if self.tx.send(work).await.is_ok() {
+            return Ok(());
+        }
+        // The receiver is gone only when the task ended, and it ends early
+        // only on an error.
+        match join(self.task.take()).await {
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::Config("the consumer's writer stopped early".into())),
+        }
+    }
+
+    /// Waits until everything sent is done; returns the checkpoints written.
+    pub async fn finish(self) -> Result<u64> {
+        let Writer { tx, task } = self;
+        drop(tx);
+        join(task).await
+    }
+}
+
+async fn join(task: Option<JoinHandle<Result<u64>>>) -> Result<u64> {
+    let task = task.ok_or_else(|| Error::Config("the consumer's writer already stopped".into()))?;
+    task.await.map_err(|e| Error::Config(format!("the consumer's writer failed: {e}")))?
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<u64> {
+        while let Some(work) = rx.recv().await {
+            match work {
+                Work::Bars { bars, polled_at } => self.write_bars(&bars, polled_at).await?,
+                Work::Checkpoint { partitions, last } => self.checkpoint(partitions, last).await?,
+            }
+        }
+        Ok(self.checkpoints)
+    }
+
+    async fn write_bars(&mut self, bars: &[FinalBar], polled_at: Instant) -> Result<()> {
+        self.sink.write(bars).await?;
+        self.metrics.bars_written(bars, polled_at);
+        faults::crash_point("after_redis_write");
+        Ok(())
+    }
+
+    /// State and offsets in one synced batch, then (for lag monitoring
+    /// only) the offsets to the group.
+    async fn checkpoint(&mut self, partitions: Vec<(i32, PartitionCheckpoint)>, last: bool) -> Result<()> {
+        if !partitions.is_empty() {
+            let offsets: Vec<(i32, i64)> = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.save(partitions.iter().map(|(p, c)| (*p, c))))
+                .await
+                .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))??;
+            self.checkpoints += 1;
+            self.committed.extend(offsets);
+        }
+        self.commit_for_monitoring(last);
+        Ok(())
+    }
+
+    /// At most once a second (and at shutdown): each commit is a request
+    /// librdkafka finishes before the consumer can close.
+    fn commit_for_monitoring(&mut self, last: bool) {
+        if self.committed.is_empty() || (!last && self.last_commit.is_some_and(|at| at.elapsed() < Duration::from_secs(1))) {
+            return;
+        }
+        self.last_commit = Some(Instant::now());
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in &self.committed {
+            let _ = list.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset));
+        }
+        let mode = if last { CommitMode::Sync } else { CommitMode::Async };
+        if let Err(e) = self.consumer.commit(&list, mode) {
+            warn!(error = %e, "offset commit for lag monitoring failed; checkpoints are unaffected");
+        }
+    }
+}
