@@ -2,7 +2,7 @@
 //! the same librdkafka client settings and the same poll loop shape as the
 //! consumer's source thread, but it only counts records and bytes.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
@@ -32,7 +32,8 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
         .create_with_context(SourceContext { topic: kafka.topic.clone() })
         .map_err(|e| Error::kafka("create consumer", e))?;
     let mut list = TopicPartitionList::new();
-    let mut unfinished = HashMap::new();
+    // As the consumer's source: looked up per record, so not hashed.
+    let mut unfinished = BTreeMap::new();
     for partition in kafka::partitions_of(&consumer, &kafka.topic)? {
         let (low, high) =
             consumer.fetch_watermarks(&kafka.topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
