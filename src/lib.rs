@@ -17,7 +17,7 @@
 //! | compute   | [`trade`] (the Arrow schema), [`decimal`], [`window`] |
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
-//! | wiring    | [`pipeline`] (the consumer loop), [`cli`] (shared flags) |
+//! | wiring    | [`pipeline`] (the consumer loop and its writer), [`cli`] (shared flags) |
 //! | health    | [`metrics`] (Prometheus names and exporter), [`doctor`] (service checks) |
 //! | tools     | [`bench`] (throughput, CPU, memory, latency), [`crashtest`] |
 

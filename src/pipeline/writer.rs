@@ -6,8 +6,9 @@
 //! time: a Redis write that fails is retried before anything after it
 //! starts, so each symbol's bars reach Redis in order, and a checkpoint is
 //! written only after Redis acknowledged every bar sent before it (SPEC §7,
-//! side effect first). The channel holds one item: the loop runs at most a
-//! batch ahead of what is written.
+//! side effect first). The channel holds one item: besides the one being
+//! written, one more waits, and the loop's state runs at most two batches
+//! ahead of Redis.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
