@@ -163,19 +163,13 @@ impl Keys {
         format!("{}:symbols", self.prefix)
     }
     pub fn latest(&self, symbol: &str) -> String {
-        let mut key = String::new();
-        self.write_latest(&mut key, symbol);
-        key
+        self.key(&["latest", symbol])
     }
     pub fn series(&self, symbol: &str, metric: &str) -> String {
-        let mut key = String::new();
-        self.write_series(&mut key, symbol, metric);
-        key
+        self.key(&["ts", symbol, metric])
     }
     pub fn bars(&self, symbol: &str) -> String {
-        let mut key = String::new();
-        self.write_bars(&mut key, symbol);
-        key
+        self.key(&["bars", symbol])
     }
     /// [`Keys::latest`] into `out`, replacing what it held.
     pub fn write_latest(&self, out: &mut String, symbol: &str) {
@@ -188,6 +182,11 @@ impl Keys {
     /// [`Keys::bars`] into `out`, replacing what it held.
     pub fn write_bars(&self, out: &mut String, symbol: &str) {
         self.write(out, &["bars", symbol]);
+    }
+    fn key(&self, parts: &[&str]) -> String {
+        let mut key = String::new();
+        self.write(&mut key, parts);
+        key
     }
     fn write(&self, out: &mut String, parts: &[&str]) {
         out.clear();

@@ -129,7 +129,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
     let mut consumer_loop = Loop {
         config,
-        writer: Some(writer),
+        writer,
         dead_letters,
         partitions,
         dirty: BTreeSet::new(),
@@ -141,17 +141,15 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let result = consumer_loop.run(rx, shutdown).await;
     stop.store(true, Ordering::Relaxed);
     let source_result = source.join().map_err(|_| Error::Config("kafka source thread panicked".into()))?;
-    // On an error the writer still finishes what it was given (all of it
+    let Loop { writer, dead_letters, partitions, mut summary, .. } = consumer_loop;
+    // On an error too the writer finishes what it was given (all of it
     // consistent: a checkpoint only follows its bars) and so lets go of the
     // store before a rewind opens it again.
-    let written = match consumer_loop.writer.take() {
-        Some(writer) => writer.finish().await.map(|_| ()),
-        None => Ok(()),
-    };
+    let checkpoints = writer.finish().await;
     result?;
     source_result?;
-    written?;
-    let Loop { dead_letters, partitions, mut summary, .. } = consumer_loop;
+    summary.checkpoints = checkpoints?;
+    info!(records = summary.records, checkpoints = summary.checkpoints, dead_letters = summary.dead_letters, "consumer stopped");
     // Every dead letter is acknowledged (the last checkpoint waited for them).
     kafka::close_in_background((consumer, dead_letters));
     summary.counts = partitions.values().fold(Counts::default(), |mut total, p| {
@@ -260,8 +258,7 @@ fn assign(consumer: &SourceConsumer, config: &ConsumerConfig, checkpoints: &BTre
 
 struct Loop {
     config: ConsumerConfig,
-    /// Taken at shutdown, when the loop waits for it to finish.
-    writer: Option<Writer>,
+    writer: Writer,
     dead_letters: DeadLetters,
     partitions: BTreeMap<i32, PartitionCheckpoint>,
     /// Partitions changed since the last checkpoint.
@@ -321,7 +318,7 @@ impl Loop {
         faults::crash_point("after_state_update");
         // Sent even without bars: the writer then passes its crash point
         // `after_redis_write` once per batch, as the crash harness counts.
-        self.writer()?.send(Work::Bars { bars, polled_at }).await?;
+        self.writer.send(Work::Bars { bars, polled_at }).await?;
         if self.since_checkpoint >= self.config.checkpoint_records {
             self.checkpoint(false).await?;
         }
@@ -341,7 +338,7 @@ impl Loop {
                 }
             }
             if !bars.is_empty() {
-                self.writer()?.send(Work::Bars { bars, polled_at: ticked }).await?;
+                self.writer.send(Work::Bars { bars, polled_at: ticked }).await?;
             }
         }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
@@ -358,28 +355,17 @@ impl Loop {
             return Ok(());
         }
         let partitions = self.dirty.iter().filter_map(|p| Some((*p, self.partitions.get(p)?.clone()))).collect();
-        self.writer()?.send(Work::Checkpoint { partitions, last }).await?;
+        self.writer.send(Work::Checkpoint { partitions, last }).await?;
         self.dirty.clear();
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 
-    fn writer(&mut self) -> Result<&mut Writer> {
-        self.writer.as_mut().ok_or_else(|| Error::Config("the consumer's writer is already finished".into()))
-    }
-
+    /// The last checkpoint; `run_once` then waits for the writer.
     async fn shutdown(&mut self) -> Result<()> {
         self.checkpoint(true).await?;
-        let writer = self.writer.take().ok_or_else(|| Error::Config("the consumer's writer is already finished".into()))?;
-        self.summary.checkpoints = writer.finish().await?;
         self.summary.dead_letters = self.dead_letters.sent();
-        info!(
-            records = self.summary.records,
-            checkpoints = self.summary.checkpoints,
-            dead_letters = self.summary.dead_letters,
-            "consumer stopped"
-        );
         Ok(())
     }
 }
