@@ -17,6 +17,22 @@ const CF_PARTITIONS: &str = "partitions";
 const KEY_FORMAT: &[u8] = b"format_version";
 const KEY_TOPIC: &[u8] = b"topic";
 
+/// Memtable size of a column family. Every checkpoint rewrites the state
+/// of its partitions, so a memtable holds a few versions of the same keys,
+/// and RocksDB's default (64 MiB, two of them) made the consumer's memory
+/// grow by 128 MiB over a long run at 10,000 symbols. At this size it
+/// flushes every few checkpoints there, in the background.
+const MEMTABLE_BYTES: usize = 4 << 20;
+/// Write-ahead log kept before the memtables are flushed.
+const WAL_BYTES: u64 = 16 << 20;
+
+fn family_options() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_size(MEMTABLE_BYTES);
+    options.set_max_write_buffer_number(2);
+    options
+}
+
 /// What is stored for one partition.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionCheckpoint {
@@ -39,7 +55,11 @@ impl CheckpointStore {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let families = [CF_META, CF_PARTITIONS].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        // Bounded memory and disk: the write-ahead log is capped at a few
+        // checkpoints' worth (reaching it flushes the memtables), see
+        // `family_options`.
+        options.set_max_total_wal_size(WAL_BYTES);
+        let families = [CF_META, CF_PARTITIONS].map(|name| ColumnFamilyDescriptor::new(name, family_options()));
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
             if source.to_string().contains("lock") {
                 Error::CheckpointFormat {
@@ -144,5 +164,35 @@ mod tests {
         let other_topic = CheckpointStore::open(dir.path(), "other").err().unwrap();
         assert!(other_topic.to_string().contains("not \"other\""), "{other_topic}");
         assert_eq!(CheckpointStore::open(dir.path(), "trades.raw").unwrap().load().unwrap()[1].1, checkpoint);
+    }
+
+    /// Each checkpoint rewrites whole partitions; over a long run the
+    /// memtables and the write-ahead log must stay a few checkpoints big.
+    #[test]
+    fn memory_and_log_stay_bounded_over_many_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path(), "trades.raw").unwrap();
+        let mut checkpoint = PartitionCheckpoint::default();
+        for i in 0..10_000 {
+            checkpoint.state.symbols.insert(format!("SYMBOL{i:06}USDT"), Default::default());
+        }
+        let size = postcard::to_stdvec(&checkpoint).unwrap().len();
+        let rounds = (48 << 20) / size + 1;
+        for round in 0..rounds {
+            checkpoint.next_offset = round as i64;
+            store.save([(0, &checkpoint)]).unwrap();
+        }
+        let cf = store.cf(CF_PARTITIONS).unwrap();
+        let memtables = store.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables").unwrap().unwrap();
+        let log: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        // 48 MiB written, in checkpoints of `size` bytes.
+        assert!(memtables <= 2 * MEMTABLE_BYTES as u64 + 2 * size as u64, "memtables hold {memtables} bytes (checkpoint {size})");
+        assert!(log <= WAL_BYTES + 2 * MEMTABLE_BYTES as u64, "write-ahead log is {log} bytes");
+        assert_eq!(store.load().unwrap()[0].1.next_offset, rounds as i64 - 1);
     }
 }
