@@ -133,6 +133,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
         dead_letters,
         partitions,
         dirty: BTreeSet::new(),
+        encoded_size: BTreeMap::new(),
         since_checkpoint: 0,
         last_checkpoint: Instant::now(),
         summary: Summary::default(),
@@ -263,6 +264,9 @@ struct Loop {
     partitions: BTreeMap<i32, PartitionCheckpoint>,
     /// Partitions changed since the last checkpoint.
     dirty: BTreeSet<i32>,
+    /// Each partition's size in its last checkpoint, to serialize the next
+    /// one without regrowing the buffer.
+    encoded_size: BTreeMap<i32, usize>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
     summary: Summary,
@@ -354,7 +358,13 @@ impl Loop {
         if self.dirty.is_empty() && !last {
             return Ok(());
         }
-        let partitions = self.dirty.iter().filter_map(|p| Some((*p, self.partitions.get(p)?.clone()))).collect();
+        let mut partitions = Vec::with_capacity(self.dirty.len());
+        for partition in &self.dirty {
+            let Some(checkpoint) = self.partitions.get(partition) else { continue };
+            let encoded = checkpoint.encode(*partition, self.encoded_size.get(partition).map_or(0, |size| size + size / 8))?;
+            self.encoded_size.insert(*partition, encoded.len());
+            partitions.push(encoded);
+        }
         self.writer.send(Work::Checkpoint { partitions, last }).await?;
         self.dirty.clear();
         self.since_checkpoint = 0;

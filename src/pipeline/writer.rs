@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::checkpoint::{CheckpointStore, Encoded};
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::kafka::SourceConsumer;
@@ -35,7 +35,7 @@ pub enum Work {
     Bars { bars: Vec<FinalBar>, polled_at: Instant },
     /// State and next offsets of the partitions changed since the last
     /// checkpoint, as they were after the bars sent before it.
-    Checkpoint { partitions: Vec<(i32, PartitionCheckpoint)>, last: bool },
+    Checkpoint { partitions: Vec<Encoded>, last: bool },
 }
 
 /// The loop's end of the writer.
@@ -120,11 +120,11 @@ impl Task {
 
     /// State and offsets in one synced batch, then (for lag monitoring
     /// only) the offsets to the group.
-    async fn checkpoint(&mut self, partitions: Vec<(i32, PartitionCheckpoint)>, last: bool) -> Result<()> {
+    async fn checkpoint(&mut self, partitions: Vec<Encoded>, last: bool) -> Result<()> {
         if !partitions.is_empty() {
-            let offsets: Vec<(i32, i64)> = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+            let offsets: Vec<(i32, i64)> = partitions.iter().map(|e| (e.partition, e.next_offset)).collect();
             let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.save(partitions.iter().map(|(p, c)| (*p, c))))
+            tokio::task::spawn_blocking(move || store.save_encoded(&partitions))
                 .await
                 .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))??;
             self.checkpoints += 1;
