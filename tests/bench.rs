@@ -42,6 +42,11 @@ async fn a_tiny_run_measures_every_process_and_cleans_up() {
             assert_eq!(series.samples.len(), 2, "{}", series.name);
             assert!(series.samples.iter().all(|s| s.trades == 2_000 && s.peak_rss_mib > 0.0), "{}", series.name);
         }
+        // The same input makes the same bars in every repeat, and Redis did work for them.
+        let bars: Vec<Option<u64>> = point.consumer.samples.iter().map(|s| s.bars).collect();
+        assert!(bars[0].is_some_and(|b| b > 0) && bars.iter().all(|b| *b == bars[0]), "{bars:?}");
+        assert!(point.consumer.samples.iter().all(|s| s.redis_cpu_s.is_some_and(|c| c >= 0.0)));
+        assert_eq!(point.bars.bars_per_million, bars[0].unwrap() as f64 / 2_000.0 * 1e6);
     }
     let producer = report.producer.as_ref().unwrap();
     assert!(producer.record_bytes > 100 && producer.record_bytes < 200, "{}", producer.record_bytes);

@@ -28,7 +28,7 @@ use crate::synth::{self, SynthConfig};
 use crate::trade::TradeColumns;
 use crate::{binance, sink};
 use measure::Measured;
-use report::{LatencyPoint, ProducerPoint, Report, Sample, Series, SymbolPoint};
+use report::{BarCost, LatencyPoint, ProducerPoint, Report, Sample, Series, SymbolPoint};
 
 /// The histogram the consumer exports (`--metrics-addr`).
 pub const BAR_LATENCY_METRIC: &str = "cryptopulse_bar_latency_seconds";
@@ -155,6 +155,7 @@ impl Bench<'_> {
             trades,
             throughput_ratio: consumer.trades_per_s.median / noop.trades_per_s.median,
             cpu_ratio: consumer.cpu_s_per_million.median / noop.cpu_s_per_million.median,
+            bars: BarCost::of(&consumer),
             noop,
             consumer,
         };
@@ -236,15 +237,18 @@ impl Bench<'_> {
         let state = self.config.out_dir.join("state").join(prefix);
         let mut cmd = self.consumer_command(topic, prefix, &state);
         cmd.arg("--exit-at-end");
+        let mut redis = sink::connect(&self.config.redis_url).await?;
+        let redis_before = redis_cpu_seconds(&mut redis).await?;
         let measured = measured(cmd).await;
+        let redis_cpu = redis_cpu_seconds(&mut redis).await.map(|after| after - redis_before);
         let cleaned = self.clean(prefix, &state).await;
         let measured = measured?;
         measured.check("consumer")?;
         cleaned?;
-        let records =
+        let (records, bars) =
             parse_consumer(&measured.stdout).ok_or_else(|| Error::Config(format!("consumer printed no summary: {:?}", measured.stdout)))?;
         expect_count("consumer", records, trades)?;
-        Ok(Sample::new(&measured, trades, None))
+        Ok(Sample { bars: Some(bars), redis_cpu_s: Some(redis_cpu?), ..Sample::new(&measured, trades, None) })
     }
 
     fn consumer_command(&self, topic: &str, prefix: &str, state: &Path) -> Command {
@@ -435,9 +439,26 @@ fn parse_replay(stdout: &str) -> Option<(u64, f64)> {
     Some((trades, rate))
 }
 
-/// `this run: 1000 records in 0.81s, ...`
-fn parse_consumer(stdout: &str) -> Option<u64> {
-    stdout.lines().find_map(|l| l.strip_prefix("this run: ")?.split_whitespace().next()?.parse().ok())
+/// Records of this run and bars of the state directory (fresh, so this
+/// run's too), from `this run: 1000 records in 0.81s, ... | totals of the
+/// state dir: ... bars 42`.
+fn parse_consumer(stdout: &str) -> Option<(u64, u64)> {
+    let line = stdout.lines().find_map(|l| l.strip_prefix("this run: "))?;
+    let records = line.split_whitespace().next()?.parse().ok()?;
+    let (_, totals) = line.split_once("totals of the state dir:")?;
+    let words: Vec<&str> = totals.split_whitespace().collect();
+    let bars = words.windows(2).find(|w| w[0] == "bars")?[1].parse().ok()?;
+    Some((records, bars))
+}
+
+/// Redis's CPU time so far, user + system (`INFO cpu`), in seconds.
+async fn redis_cpu_seconds(conn: &mut redis::aio::ConnectionManager) -> Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await.map_err(|e| Error::redis("info cpu", e))?;
+    let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
+    match (field("used_cpu_user:"), field("used_cpu_sys:")) {
+        (Some(user), Some(sys)) => Ok(user + sys),
+        _ => Err(Error::Config(format!("redis INFO cpu without used_cpu_user / used_cpu_sys: {info:?}"))),
+    }
 }
 
 /// The total line: `1000000 records sent, 412345.6 records/sec (52.3 MB/sec), ...`
@@ -454,8 +475,9 @@ mod tests {
     #[test]
     fn reads_the_children_summaries() {
         assert_eq!(parse_replay("replayed 1000 trades to t in 0.52s (1923 trades/s), 0 filtered out\n"), Some((1000, 1923.0)));
-        let consumer = "this run: 15863 records in 0.81s, 0 dead letters, 2 checkpoints | totals of the state dir: applied 15863\n";
-        assert_eq!(parse_consumer(consumer), Some(15_863));
+        let consumer = "this run: 15863 records in 0.81s, 0 dead letters, 2 checkpoints | totals of the state dir: applied 15863 duplicates 0 late 0 rejected 0 bars 663\n";
+        assert_eq!(parse_consumer(consumer), Some((15_863, 663)));
+        assert_eq!(parse_consumer("this run: 15863 records in 0.81s | totals of the state dir: applied 15863\n"), None);
         let perf = "500000 records sent, 99000.1 records/sec (13.50 MB/sec), 30.1 ms avg latency, 200.0 ms max latency.\n\
                     1000000 records sent, 410000.5 records/sec (55.90 MB/sec), 25.00 ms avg latency, 310.00 ms max latency, 20 ms 50th, 90 ms 95th, 150 ms 99th, 300 ms 99.9th.\n";
         assert_eq!(parse_perf(perf), Some((1_000_000, 410_000.5)));

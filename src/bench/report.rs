@@ -22,6 +22,13 @@ pub struct Sample {
     pub cpu_s: f64,
     pub cpu_s_per_million: f64,
     pub peak_rss_mib: f64,
+    /// Consumer runs: the bars it wrote (from its summary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bars: Option<u64>,
+    /// Consumer runs: Redis's CPU time (user + system, from `INFO cpu`)
+    /// over the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_s: Option<f64>,
 }
 
 impl Sample {
@@ -35,6 +42,8 @@ impl Sample {
             cpu_s: cpu,
             cpu_s_per_million: cpu / (trades.max(1) as f64 / 1e6),
             peak_rss_mib: measured.peak_rss_kib as f64 / 1024.0,
+            bars: None,
+            redis_cpu_s: None,
         }
     }
 
@@ -98,6 +107,34 @@ pub struct SymbolPoint {
     pub throughput_ratio: f64,
     /// Median consumer CPU per trade over the no-op's (target <= 1.5).
     pub cpu_ratio: f64,
+    /// What the trades cost per bar: the same input makes the same bars.
+    pub bars: BarCost,
+}
+
+/// The consumer's and Redis's work per bar at one symbol count: a million
+/// trades over more symbols make more bars, and each bar is Redis work.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BarCost {
+    pub bars_per_million: f64,
+    pub redis_cpu_s_per_million: Stats,
+    /// Medians over the repeats, in microseconds.
+    pub consumer_cpu_us_per_bar: f64,
+    pub redis_cpu_us_per_bar: f64,
+}
+
+impl BarCost {
+    pub fn of(consumer: &Series) -> Self {
+        let per_million = |s: &Sample, v: f64| v / (s.trades.max(1) as f64 / 1e6);
+        let bars = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s, s.bars? as f64)))).median;
+        let redis = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s, s.redis_cpu_s?))));
+        let us_per_bar = |cpu_per_million: f64| cpu_per_million / bars * 1e6;
+        BarCost {
+            bars_per_million: bars,
+            redis_cpu_s_per_million: redis,
+            consumer_cpu_us_per_bar: us_per_bar(consumer.cpu_s_per_million.median),
+            redis_cpu_us_per_bar: us_per_bar(redis.median),
+        }
+    }
 }
 
 /// The replay producer beside Kafka's own producer benchmark.
@@ -164,6 +201,12 @@ impl Report {
                 "  consumer / ceiling: throughput {:.2} (target >= 0.8), CPU per trade {:.2} (target <= 1.5)",
                 p.throughput_ratio, p.cpu_ratio
             );
+            let (b, r) = (&p.bars, &p.bars.redis_cpu_s_per_million);
+            let _ = writeln!(
+                out,
+                "  {:.0} bars per M trades; Redis CPU s per M trades {:.2} {:.2} {:.2}; CPU per bar: consumer {:.1} us, Redis {:.1} us",
+                b.bars_per_million, r.min, r.median, r.max, b.consumer_cpu_us_per_bar, b.redis_cpu_us_per_bar
+            );
         }
         if let Some(p) = &self.producer {
             let _ = writeln!(
@@ -203,20 +246,28 @@ impl Report {
         out
     }
 
-    /// Consumer and ceiling trades/s, and consumer peak RSS, against the
-    /// symbol count (log scale), as two panels of one SVG.
+    /// Consumer and ceiling trades/s, consumer peak RSS, and the CPU cost
+    /// per trade of the no-op, the consumer and Redis, against the symbol
+    /// count (log scale), as three panels of one SVG.
     pub fn svg(&self) -> String {
         let xs: Vec<f64> = self.points.iter().map(|p| p.symbols as f64).collect();
+        let median = |f: fn(&SymbolPoint) -> f64| self.points.iter().map(f).collect::<Vec<_>>();
         let rates = [
-            ("no-op consumer", "#888888", self.points.iter().map(|p| p.noop.trades_per_s.median).collect::<Vec<_>>()),
-            ("consumer", "#1f77b4", self.points.iter().map(|p| p.consumer.trades_per_s.median).collect()),
+            ("no-op consumer", NOOP, median(|p| p.noop.trades_per_s.median)),
+            ("consumer", CONSUMER, median(|p| p.consumer.trades_per_s.median)),
         ];
-        let rss = [("consumer peak RSS", "#d62728", self.points.iter().map(|p| p.consumer.peak_rss_mib.median).collect::<Vec<_>>())];
+        let rss = [("consumer peak RSS", RSS, median(|p| p.consumer.peak_rss_mib.median))];
+        let cost = [
+            ("no-op consumer", NOOP, median(|p| p.noop.cpu_s_per_million.median)),
+            ("consumer", CONSUMER, median(|p| p.consumer.cpu_s_per_million.median)),
+            ("redis-server", REDIS, median(|p| p.bars.redis_cpu_s_per_million.median)),
+        ];
         let mut out = String::from(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"900\" height=\"360\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"900\" height=\"360\" fill=\"white\"/>\n",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1350\" height=\"360\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"1350\" height=\"360\" fill=\"white\"/>\n",
         );
         panel(&mut out, 0.0, "trades/s (median)", &xs, &rates);
         panel(&mut out, 450.0, "peak RSS, MiB (median)", &xs, &rss);
+        panel(&mut out, 900.0, "CPU s per M trades (median)", &xs, &cost);
         out.push_str("</svg>\n");
         out
     }
@@ -255,11 +306,17 @@ fn panel(out: &mut String, left: f64, title: &str, xs: &[f64], lines: &[(&str, &
     let _ = writeln!(out, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">symbols (log scale)</text>", (x0 + x1) / 2.0, y0 + 36.0);
 }
 
+const NOOP: &str = "#888888";
+const CONSUMER: &str = "#1f77b4";
+const RSS: &str = "#d62728";
+const REDIS: &str = "#2ca02c";
+
 fn compact(v: f64) -> String {
     match v {
         v if v >= 1e6 => format!("{:.1}M", v / 1e6),
         v if v >= 1e3 => format!("{:.0}k", v / 1e3),
-        v => format!("{v:.0}"),
+        v if v >= 10.0 => format!("{v:.0}"),
+        v => format!("{v:.2}"),
     }
 }
 
@@ -284,14 +341,21 @@ mod tests {
             cpu_s: 0.5,
             cpu_s_per_million: 5e4,
             peak_rss_mib: 30.0,
+            bars: None,
+            redis_cpu_s: None,
         };
-        let point = |symbols| SymbolPoint {
-            symbols,
-            trades: 10,
-            noop: Series::new("noop", vec![sample.clone()]),
-            consumer: Series::new("consumer", vec![sample.clone()]),
-            throughput_ratio: 1.0,
-            cpu_ratio: 1.0,
+        let consumer = Sample { bars: Some(4), redis_cpu_s: Some(0.25), ..sample.clone() };
+        let point = |symbols| {
+            let consumer = Series::new("consumer", vec![consumer.clone()]);
+            SymbolPoint {
+                symbols,
+                trades: 10,
+                noop: Series::new("noop", vec![sample.clone()]),
+                bars: BarCost::of(&consumer),
+                consumer,
+                throughput_ratio: 1.0,
+                cpu_ratio: 1.0,
+            }
         };
         let report = Report {
             run: "r".into(),
@@ -307,8 +371,12 @@ mod tests {
             latency: None,
         };
         let svg = report.svg();
-        assert_eq!(svg.matches("<polyline").count(), 3);
-        assert!(svg.contains(">10000</text>") && svg.ends_with("</svg>\n"));
-        assert!(report.table().contains("consumer / ceiling: throughput 1.00"));
+        assert_eq!(svg.matches("<polyline").count(), 6);
+        assert!(svg.contains(">10000</text>") && svg.contains(">redis-server</text>") && svg.ends_with("</svg>\n"));
+        let table = report.table();
+        assert!(table.contains("consumer / ceiling: throughput 1.00"), "{table}");
+        // 4 bars of 10 trades, 0.5 CPU s and 0.25 Redis CPU s over them.
+        assert!(table.contains("400000 bars per M trades; Redis CPU s per M trades 25000.00"), "{table}");
+        assert!(table.contains("CPU per bar: consumer 125000.0 us, Redis 62500.0 us"), "{table}");
     }
 }
