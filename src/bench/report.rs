@@ -315,7 +315,7 @@ fn compact(v: f64) -> String {
     match v {
         v if v >= 1e6 => format!("{:.1}M", v / 1e6),
         v if v >= 1e3 => format!("{:.0}k", v / 1e3),
-        v if v >= 10.0 => format!("{v:.0}"),
+        v if v >= 10.0 || v == 0.0 => format!("{v:.0}"),
         v => format!("{v:.2}"),
     }
 }
