@@ -203,19 +203,18 @@ fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
 /// `fetch.queue.backoff.ms` 20 instead of librdkafka's 1000: with the
 /// default, fetching pauses for a second whenever the local queue is full,
 /// and a million-trade catch-up took 5.6 s instead of 2.3 s. The prefetch
-/// is bounded (512 KiB per partition fetch, 16 MiB and 20,000 records per
-/// partition queued) instead of librdkafka's 1 MiB, 64 MiB and 100,000: a
-/// consumer behind the broker held most of a million-trade topic
-/// decompressed in memory, 250 MiB at 10,000 symbols, with no gain in speed
-/// (README, Benchmarks).
+/// is bounded: 512 KiB per partition fetch and 16 MiB queued instead of
+/// librdkafka's 1 MiB and 64 MiB (a consumer behind the broker held most of
+/// a million-trade topic decompressed in memory, with no gain in speed).
 ///
-/// Those limits are checked before a fetch, and one response may bring a
-/// full fetch of every partition: at 10,000 symbols the records compress
-/// about nine to one, so six partitions' 512 KiB made 200,000 records in one
-/// go, whatever the queue limits. `fetch.max.bytes` 1 MiB bounds a response
-/// (about 65,000 records there), and `queued.min.messages` 50,000 asks for
-/// the next one before the queue runs dry: peak RSS 194-203 -> 136-140 MiB
-/// over 10 million trades at 10,000 symbols, and a little less CPU.
+/// Those queue limits are checked before a fetch, and one response may
+/// bring a full fetch of every partition: at 10,000 symbols the records
+/// compress about nine to one, so six partitions' 512 KiB made 200,000
+/// records in one go. `fetch.max.bytes` 1 MiB bounds a response (about
+/// 65,000 records there), and `queued.min.messages` 50,000 asks for the
+/// next one before the queue runs dry: peak RSS 194-203 -> 136-140 MiB over
+/// 10 million trades at 10,000 symbols, and a little less CPU (README,
+/// Benchmarks, items 9 and 15).
 pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientConfig> {
     let mut client = kafka.config_with(&[
         ("group.id", group_id),
