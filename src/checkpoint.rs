@@ -18,9 +18,9 @@ const KEY_FORMAT: &[u8] = b"format_version";
 const KEY_TOPIC: &[u8] = b"topic";
 
 /// Memtable size of a column family. Every checkpoint rewrites the state
-/// of its partitions, so a memtable holds a few versions of the same keys,
-/// and RocksDB's default (64 MiB, two of them) made the consumer's memory
-/// grow by 128 MiB over a long run at 10,000 symbols. At this size it
+/// of its partitions, so a memtable fills with versions of the same keys:
+/// RocksDB's default (64 MiB, two of them) made the consumer's memory grow
+/// by about 50 MiB over a long run at 10,000 symbols. At this size it
 /// flushes every few checkpoints there, in the background.
 const MEMTABLE_BYTES: usize = 4 << 20;
 /// Write-ahead log kept before the memtables are flushed.
@@ -86,9 +86,9 @@ impl CheckpointStore {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        // Bounded memory and disk: the write-ahead log is capped at a few
-        // checkpoints' worth (reaching it flushes the memtables), see
-        // `family_options`.
+        // Bounded memory and disk: reaching this much write-ahead log
+        // flushes the memtables (a dozen checkpoints at 10,000 symbols),
+        // see `family_options`.
         options.set_max_total_wal_size(WAL_BYTES);
         let families = [CF_META, CF_PARTITIONS].map(|name| ColumnFamilyDescriptor::new(name, family_options()));
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {

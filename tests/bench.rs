@@ -46,7 +46,7 @@ async fn a_tiny_run_measures_every_process_and_cleans_up() {
         let bars: Vec<Option<u64>> = point.consumer.samples.iter().map(|s| s.bars).collect();
         assert!(bars[0].is_some_and(|b| b > 0) && bars.iter().all(|b| *b == bars[0]), "{bars:?}");
         assert!(point.consumer.samples.iter().all(|s| s.redis_cpu_s.is_some_and(|c| c >= 0.0)));
-        assert_eq!(point.bars.bars_per_million, bars[0].unwrap() as f64 / 2_000.0 * 1e6);
+        assert_eq!(point.bar_cost.bars_per_million, bars[0].unwrap() as f64 / 2_000.0 * 1e6);
     }
     let producer = report.producer.as_ref().unwrap();
     assert!(producer.record_bytes > 100 && producer.record_bytes < 200, "{}", producer.record_bytes);

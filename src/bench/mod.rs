@@ -155,7 +155,7 @@ impl Bench<'_> {
             trades,
             throughput_ratio: consumer.trades_per_s.median / noop.trades_per_s.median,
             cpu_ratio: consumer.cpu_s_per_million.median / noop.cpu_s_per_million.median,
-            bars: BarCost::of(&consumer),
+            bar_cost: BarCost::of(&consumer),
             noop,
             consumer,
         };

@@ -108,7 +108,7 @@ pub struct SymbolPoint {
     /// Median consumer CPU per trade over the no-op's (target <= 1.5).
     pub cpu_ratio: f64,
     /// What the trades cost per bar: the same input makes the same bars.
-    pub bars: BarCost,
+    pub bar_cost: BarCost,
 }
 
 /// The consumer's and Redis's work per bar at one symbol count: a million
@@ -201,7 +201,7 @@ impl Report {
                 "  consumer / ceiling: throughput {:.2} (target >= 0.8), CPU per trade {:.2} (target <= 1.5)",
                 p.throughput_ratio, p.cpu_ratio
             );
-            let (b, r) = (&p.bars, &p.bars.redis_cpu_s_per_million);
+            let (b, r) = (&p.bar_cost, &p.bar_cost.redis_cpu_s_per_million);
             let _ = writeln!(
                 out,
                 "  {:.0} bars per M trades; Redis CPU s per M trades {:.2} {:.2} {:.2}; CPU per bar: consumer {:.1} us, Redis {:.1} us",
@@ -260,7 +260,7 @@ impl Report {
         let cost = [
             ("no-op consumer", NOOP, median(|p| p.noop.cpu_s_per_million.median)),
             ("consumer", CONSUMER, median(|p| p.consumer.cpu_s_per_million.median)),
-            ("redis-server", REDIS, median(|p| p.bars.redis_cpu_s_per_million.median)),
+            ("redis-server", REDIS, median(|p| p.bar_cost.redis_cpu_s_per_million.median)),
         ];
         let mut out = String::from(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1350\" height=\"360\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"1350\" height=\"360\" fill=\"white\"/>\n",
@@ -351,7 +351,7 @@ mod tests {
                 symbols,
                 trades: 10,
                 noop: Series::new("noop", vec![sample.clone()]),
-                bars: BarCost::of(&consumer),
+                bar_cost: BarCost::of(&consumer),
                 consumer,
                 throughput_ratio: 1.0,
                 cpu_ratio: 1.0,
