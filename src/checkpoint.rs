@@ -63,12 +63,8 @@ pub struct Encoded {
 
 impl Encoded {
     /// Serialized size in bytes.
-    pub fn len(&self) -> usize {
+    pub fn size(&self) -> usize {
         self.bytes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
     }
 }
 
@@ -212,7 +208,7 @@ mod tests {
         for i in 0..10_000 {
             checkpoint.state.symbols.insert(format!("SYMBOL{i:06}USDT"), Default::default());
         }
-        let size = postcard::to_stdvec(&checkpoint).unwrap().len();
+        let size = checkpoint.encode(0, 0).unwrap().size();
         let rounds = (48 << 20) / size + 1;
         for round in 0..rounds {
             checkpoint.next_offset = round as i64;

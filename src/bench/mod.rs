@@ -101,7 +101,8 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         producer: None,
         latency: None,
     };
-    let mut bench = Bench { config, run, topics: Vec::new() };
+    let redis = sink::connect(&config.redis_url).await?;
+    let mut bench = Bench { config, run, topics: Vec::new(), redis };
     let result = bench.all(&mut report).await;
     bench.drop_topics().await;
     result.map(|()| report)
@@ -112,6 +113,8 @@ struct Bench<'a> {
     run: String,
     /// Topics created and not yet deleted.
     topics: Vec<String>,
+    /// For Redis's CPU time around each consumer run and the clean-up after it.
+    redis: redis::aio::ConnectionManager,
 }
 
 impl Bench<'_> {
@@ -233,14 +236,13 @@ impl Bench<'_> {
     }
 
     /// The consumer binary over the whole topic, with fresh state and prefix.
-    async fn consumer(&self, topic: &str, prefix: &str, trades: u64) -> Result<Sample> {
+    async fn consumer(&mut self, topic: &str, prefix: &str, trades: u64) -> Result<Sample> {
         let state = self.config.out_dir.join("state").join(prefix);
         let mut cmd = self.consumer_command(topic, prefix, &state);
         cmd.arg("--exit-at-end");
-        let mut redis = sink::connect(&self.config.redis_url).await?;
-        let redis_before = redis_cpu_seconds(&mut redis).await?;
+        let redis_before = redis_cpu_seconds(&mut self.redis).await?;
         let measured = measured(cmd).await;
-        let redis_cpu = redis_cpu_seconds(&mut redis).await.map(|after| after - redis_before);
+        let redis_cpu = redis_cpu_seconds(&mut self.redis).await.map(|after| after - redis_before);
         let cleaned = self.clean(prefix, &state).await;
         let measured = measured?;
         measured.check("consumer")?;
@@ -338,11 +340,11 @@ impl Bench<'_> {
     }
 
     /// Removes a consumer run's state directory and Redis keys.
-    async fn clean(&self, prefix: &str, state: &Path) -> Result<()> {
+    async fn clean(&mut self, prefix: &str, state: &Path) -> Result<()> {
         if state.exists() {
             std::fs::remove_dir_all(state).map_err(|e| Error::io(state, e))?;
         }
-        let mut conn = sink::connect(&self.config.redis_url).await?;
+        let conn = &mut self.redis;
         let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -351,11 +353,11 @@ impl Bench<'_> {
                 .arg(format!("{prefix}:*"))
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await
                 .map_err(|e| Error::redis("scan", e))?;
             if !keys.is_empty() {
-                let _: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await.map_err(|e| Error::redis("unlink", e))?;
+                let _: u64 = redis::cmd("UNLINK").arg(&keys).query_async(conn).await.map_err(|e| Error::redis("unlink", e))?;
             }
             if next == 0 {
                 return Ok(());

@@ -40,7 +40,7 @@ impl Sample {
             trades_per_s: trades as f64 / wall.max(1e-9),
             reported_per_s,
             cpu_s: cpu,
-            cpu_s_per_million: cpu / (trades.max(1) as f64 / 1e6),
+            cpu_s_per_million: per_million(trades, cpu),
             peak_rss_mib: measured.peak_rss_kib as f64 / 1024.0,
             bars: None,
             redis_cpu_s: None,
@@ -51,6 +51,11 @@ impl Sample {
     pub fn rate(&self) -> f64 {
         self.reported_per_s.unwrap_or(self.trades_per_s)
     }
+}
+
+/// `value` for `trades` trades, scaled to a million trades.
+fn per_million(trades: u64, value: f64) -> f64 {
+    value / (trades.max(1) as f64 / 1e6)
 }
 
 /// Minimum, median and maximum over the repeats.
@@ -124,9 +129,8 @@ pub struct BarCost {
 
 impl BarCost {
     pub fn of(consumer: &Series) -> Self {
-        let per_million = |s: &Sample, v: f64| v / (s.trades.max(1) as f64 / 1e6);
-        let bars = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s, s.bars? as f64)))).median;
-        let redis = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s, s.redis_cpu_s?))));
+        let bars = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s.trades, s.bars? as f64)))).median;
+        let redis = Stats::of(consumer.samples.iter().filter_map(|s| Some(per_million(s.trades, s.redis_cpu_s?))));
         let us_per_bar = |cpu_per_million: f64| cpu_per_million / bars * 1e6;
         BarCost {
             bars_per_million: bars,

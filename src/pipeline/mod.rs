@@ -370,7 +370,7 @@ impl Loop {
         for partition in &self.dirty {
             let Some(checkpoint) = self.partitions.get(partition) else { continue };
             let encoded = checkpoint.encode(*partition, self.encoded_size.get(partition).map_or(0, |size| size + size / 8))?;
-            self.encoded_size.insert(*partition, encoded.len());
+            self.encoded_size.insert(*partition, encoded.size());
             partitions.push(encoded);
         }
         self.writer.send(Work::Checkpoint { partitions, last }).await?;
