@@ -54,10 +54,11 @@ local names, set_field = {}, {}
 for i = 1, n do names[i] = ARGV[3 + i] end
 for k = 1, sets do set_field[k] = tonumber(ARGV[4 + n + k]) end
 -- unpack() takes at most a few thousand values: long lists go in chunks.
+-- The first `count` values of `list`.
 local CHUNK = 2000
-local function call_chunked(command, key, list)
-  for from = 1, #list, CHUNK do
-    redis.call(command, key, unpack(list, from, math.min(#list, from + CHUNK - 1)))
+local function call_chunked(command, key, list, count)
+  for from = 1, count, CHUNK do
+    redis.call(command, key, unpack(list, from, math.min(count, from + CHUNK - 1)))
   end
 end
 local function cutoff_of(newest)
@@ -65,8 +66,11 @@ local function cutoff_of(newest)
   return c - (c % granule)
 end
 -- The field-value pairs of the bar at `at` into `kv`; returns their count.
-local kv = {}
+-- `kv_of` is the bar `kv` holds: the newest bar's pairs serve the hash and
+-- the stream without being gathered twice.
+local kv, kv_of, kv_count = {}, nil, 0
 local function fields(at)
+  if kv_of == at then return kv_count end
   local count = 0
   for i = 1, n do
     local value = ARGV[at + i]
@@ -76,10 +80,15 @@ local function fields(at)
       count = count + 2
     end
   end
+  kv_of, kv_count = at, count
   return count
 end
 local symbols, written = {}, 0
-local members = {}
+-- Per sorted set, its new members (score, member pairs) for this symbol:
+-- the tables are reused from symbol to symbol, `counts` says how much of
+-- each is this symbol's.
+local members, counts = {}, {}
+for k = 1, sets do members[k] = {} end
 local at, key = 5 + n + sets, 3
 while at <= #ARGV do
   local m = tonumber(ARGV[at + 1])
@@ -96,7 +105,7 @@ while at <= #ARGV do
     end
     redis.call('HSET', latest, 'window_end', ARGV[last], unpack(kv, 1, count))
   end
-  for k = 1, sets do members[k] = {} end
+  for k = 1, sets do counts[k] = 0 end
   for bar = first, last, stride do
     local e = tonumber(ARGV[bar])
     if e >= cutoff then
@@ -112,16 +121,17 @@ while at <= #ARGV do
           end
         elseif value ~= '' then
           -- The score as its string: a Lua number would be printed again.
-          local list = members[k]
-          list[#list + 1] = ARGV[bar]
-          list[#list + 1] = ARGV[bar] .. ':' .. value
+          local list, c = members[k], counts[k]
+          list[c + 1] = ARGV[bar]
+          list[c + 2] = ARGV[bar] .. ':' .. value
+          counts[k] = c + 2
         end
       end
       written = written + 1
     end
   end
   for k = 1, sets do
-    call_chunked('ZADD', KEYS[key + 1 + k], members[k])
+    call_chunked('ZADD', KEYS[key + 1 + k], members[k], counts[k])
   end
   if old >= 0 and cutoff > 0 and cutoff > cutoff_of(old) then
     local text = string.format('%d', cutoff)
@@ -132,7 +142,7 @@ while at <= #ARGV do
   end
   at, key = last + stride, key + 2 + sets
 end
-call_chunked('SADD', KEYS[1], symbols)
+call_chunked('SADD', KEYS[1], symbols, #symbols)
 return written
 "#;
 

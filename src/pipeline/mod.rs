@@ -213,8 +213,8 @@ fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
 /// records in one go. `fetch.max.bytes` 1 MiB bounds a response (about
 /// 65,000 records there), and `queued.min.messages` 50,000 asks for the
 /// next one before the queue runs dry: peak RSS 194-203 -> 136-140 MiB over
-/// 10 million trades at 10,000 symbols, and a little less CPU (README,
-/// Benchmarks, items 9 and 15).
+/// 10 million trades at 10,000 symbols, and a little less CPU (benches/HISTORY.md,
+/// items 9 and 15).
 pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientConfig> {
     let mut client = kafka.config_with(&[
         ("group.id", group_id),
