@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use crate::binance::{self, Reject};
 use crate::cli::{read_properties, KafkaArgs};
 use crate::error::{Error, Result};
+use crate::fetch::{FetchQueue, Record};
 use crate::trade::TradeBatchBuilder;
 
 /// How long metadata and admin requests may take.
@@ -281,10 +282,11 @@ struct Pending {
     next_offset: i64,
 }
 
-/// Polls `consumer` on the calling thread until `stop` is set, the receiver
-/// goes away or (with end offsets) every partition is read to its end.
+/// Reads records from `fetch` on the calling thread until `stop` is set,
+/// the receiver goes away or (with end offsets) every partition is read to
+/// its end.
 pub fn run_source(
-    consumer: &SourceConsumer,
+    fetch: &mut FetchQueue,
     options: &SourceOptions,
     positions: &HashMap<i32, i64>,
     tx: &mpsc::Sender<SourceEvent>,
@@ -299,7 +301,7 @@ pub fn run_source(
             let _ = tx.blocking_send(SourceEvent::End);
             return Ok(());
         }
-        let (pending, rejected, polled_at) = poll_round(consumer, options, &mut unfinished)?;
+        let (pending, rejected, polled_at) = poll_round(fetch, options, &mut unfinished)?;
         let Some(polled_at) = polled_at else { continue };
         crate::faults::crash_point("after_decode");
         let batches = pending
@@ -324,79 +326,96 @@ pub fn run_source(
 /// The batches of a round, its rejects, and when its first record came.
 type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
-/// How many records are taken without looking at the clock while records
-/// keep coming: reading the clock per record cost more than decoding one.
-const CLOCK_EVERY: usize = 256;
+/// Records taken from librdkafka per call, at most.
+pub const FETCH_SLOTS: usize = 1024;
 
 /// One batch: up to `max_rows` records or `linger` after the first one.
-fn poll_round(consumer: &SourceConsumer, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
+fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
     let mut rows = 0;
-    let mut deadline: Option<Instant> = None;
-    let mut first = None;
-    while rows < options.max_rows {
-        // Once the batch has begun, records already queued are taken without
-        // waiting (and without a clock read); the clock is read only every
-        // CLOCK_EVERY records, and when the queue runs dry.
-        let timeout = match deadline {
-            None => Duration::from_millis(100),
-            Some(_) if rows % CLOCK_EVERY != 0 => Duration::ZERO,
-            Some(at) if Instant::now() >= at => break,
-            Some(_) => Duration::ZERO,
-        };
-        let polled = match (consumer.poll(timeout), deadline) {
-            (None, None) => return Ok((pending, rejected, first)),
-            // The queue ran dry: wait for more until the deadline.
-            (None, Some(at)) => match at.saturating_duration_since(Instant::now()) {
-                left if left.is_zero() => break,
-                left => consumer.poll(left),
-            },
-            (some, _) => some,
-        };
-        let message = match polled {
-            None => break,
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                unfinished.remove(&partition);
-                continue;
-            }
-            Some(Err(e)) if is_fatal(&e) => return Err(Error::kafka("consume", e)),
-            Some(Err(e)) => {
-                warn!(error = %e, "kafka consumer error, retrying");
-                continue;
-            }
-            Some(Ok(message)) => message,
-        };
-        let polled = *first.get_or_insert_with(Instant::now);
-        deadline.get_or_insert(polled + options.linger);
-        rows += 1;
-        let (partition, offset) = (message.partition(), message.offset());
-        if unfinished.get(&partition).is_some_and(|end| offset + 1 >= *end) {
-            unfinished.remove(&partition);
+    let mut first: Option<Instant> = None;
+    loop {
+        if let Some(e) = fetch.serve_events() {
+            handle_error(e)?;
         }
-        let slot = pending.entry(partition).or_default();
-        slot.next_offset = offset + 1;
-        let payload = message.payload().unwrap_or_default();
-        match binance::decode(payload) {
-            Ok(trade) => {
-                slot.builder.push(&trade);
-                slot.offsets.push(offset);
-                slot.payloads.append_value(payload);
+        let timeout = match first {
+            None => Duration::from_millis(100),
+            // The queue ran dry: wait for more until the deadline.
+            Some(at) => match (at + options.linger).saturating_duration_since(Instant::now()) {
+                left if left.is_zero() => break,
+                left => left,
+            },
+        };
+        let batch = fetch.fetch(timeout, (options.max_rows - rows).min(FETCH_SLOTS));
+        if batch.is_empty() {
+            match first {
+                None => return Ok((pending, rejected, None)),
+                Some(_) => break,
             }
-            Err(rejection) => {
-                debug!(partition, offset, reason = %rejection.reason, "record rejected");
-                rejected.push(DeadLetter {
-                    reason: rejection.reason,
-                    detail: rejection.detail,
-                    partition,
-                    offset,
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: payload.to_vec(),
-                });
+        }
+        for i in 0..batch.len() {
+            let record = batch.get(i);
+            match record.error {
+                None => {}
+                Some(KafkaError::PartitionEOF(partition)) => {
+                    unfinished.remove(&partition);
+                    continue;
+                }
+                Some(e) => {
+                    handle_error(e)?;
+                    continue;
+                }
             }
+            // Bar latency is measured from here: one clock read per batch.
+            first.get_or_insert_with(Instant::now);
+            rows += 1;
+            take(&record, &mut pending, &mut rejected, unfinished);
+        }
+        if rows >= options.max_rows {
+            break;
         }
     }
     Ok((pending, rejected, first))
+}
+
+/// A fatal error ends the source; others are logged and read past.
+fn handle_error(error: KafkaError) -> Result<()> {
+    if is_fatal(&error) {
+        return Err(Error::kafka("consume", error));
+    }
+    if !matches!(error, KafkaError::PartitionEOF(_)) {
+        warn!(%error, "kafka consumer error, retrying");
+    }
+    Ok(())
+}
+
+/// Decodes one record into its partition's batch, or into a dead letter.
+fn take(record: &Record<'_>, pending: &mut BTreeMap<i32, Pending>, rejected: &mut Vec<DeadLetter>, unfinished: &mut BTreeMap<i32, i64>) {
+    let (partition, offset, payload) = (record.partition, record.offset, record.payload);
+    if unfinished.get(&partition).is_some_and(|end| offset + 1 >= *end) {
+        unfinished.remove(&partition);
+    }
+    let slot = pending.entry(partition).or_default();
+    slot.next_offset = offset + 1;
+    match binance::decode(payload) {
+        Ok(trade) => {
+            slot.builder.push(&trade);
+            slot.offsets.push(offset);
+            slot.payloads.append_value(payload);
+        }
+        Err(rejection) => {
+            debug!(partition, offset, reason = %rejection.reason, "record rejected");
+            rejected.push(DeadLetter {
+                reason: rejection.reason,
+                detail: rejection.detail,
+                partition,
+                offset,
+                key: record.key.map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+            });
+        }
+    }
 }
 
 /// Errors after which reading on would lose or skip data.

@@ -13,7 +13,7 @@
 //! | role      | module |
 //! |-----------|--------|
 //! | source    | [`producer`] (live), [`binance`] (wire format), [`archive`] (Parquet), [`record`], [`replay`], [`synth`] (larger inputs) |
-//! | transport | [`kafka`] |
+//! | transport | [`kafka`], [`fetch`] (records in batches; the one `unsafe` module) |
 //! | compute   | [`trade`] (the Arrow schema), [`decimal`], [`window`] |
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes), [`digest`] (canonical dump) |
@@ -21,7 +21,7 @@
 //! | health    | [`metrics`] (Prometheus names and exporter), [`doctor`] (service checks) |
 //! | tools     | [`bench`] (throughput, CPU, memory, latency), [`crashtest`] |
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod archive;
 pub mod bench;
@@ -34,6 +34,7 @@ pub mod digest;
 pub mod doctor;
 pub mod error;
 pub mod faults;
+pub mod fetch;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

@@ -1,19 +1,21 @@
 //! The no-op consumer, the ceiling the real consumer is measured against:
-//! the same librdkafka client settings and the same poll loop shape as the
-//! consumer's source thread, but it only counts records and bytes.
+//! the same librdkafka client settings and the same fetch path
+//! ([`FetchQueue`]) as the consumer's source thread, but it only counts
+//! records and bytes.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
-use crate::kafka::{self, SourceConsumer, SourceContext, REQUEST_TIMEOUT};
+use crate::fetch::FetchQueue;
+use crate::kafka::{self, SourceConsumer, SourceContext, FETCH_SLOTS, REQUEST_TIMEOUT};
 use crate::pipeline::source_client_config;
 
 /// What the no-op consumer read.
@@ -34,7 +36,8 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
     let mut list = TopicPartitionList::new();
     // As the consumer's source: looked up per record, so not hashed.
     let mut unfinished = BTreeMap::new();
-    for partition in kafka::partitions_of(&consumer, &kafka.topic)? {
+    let partitions = kafka::partitions_of(&consumer, &kafka.topic)?;
+    for &partition in &partitions {
         let (low, high) =
             consumer.fetch_watermarks(&kafka.topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
         list.add_partition_offset(&kafka.topic, partition, Offset::Offset(low)).map_err(|e| Error::kafka("assign", e))?;
@@ -42,26 +45,37 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
             unfinished.insert(partition, high);
         }
     }
+    let consumer = Arc::new(consumer);
+    // Every assigned partition, empty ones too: their end-of-partition
+    // events come on the queue they are forwarded to.
+    let mut fetch = FetchQueue::new(consumer.clone(), &kafka.topic, &partitions)?;
     consumer.assign(&list).map_err(|e| Error::kafka("assign", e))?;
     let started = Instant::now();
     let mut summary = NoopSummary::default();
     while !unfinished.is_empty() {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                unfinished.remove(&partition);
-            }
-            Some(Err(e)) => return Err(Error::kafka("consume", e)),
-            Some(Ok(message)) => {
-                summary.records += 1;
-                summary.bytes += message.payload().map_or(0, |p| p.len() as u64);
-                if unfinished.get(&message.partition()).is_some_and(|end| message.offset() + 1 >= *end) {
-                    unfinished.remove(&message.partition());
+        if let Some(e) = fetch.serve_events() {
+            return Err(Error::kafka("consume", e));
+        }
+        let batch = fetch.fetch(Duration::from_millis(100), FETCH_SLOTS);
+        for i in 0..batch.len() {
+            let record = batch.get(i);
+            match record.error {
+                Some(KafkaError::PartitionEOF(partition)) => {
+                    unfinished.remove(&partition);
+                }
+                Some(e) => return Err(Error::kafka("consume", e)),
+                None => {
+                    summary.records += 1;
+                    summary.bytes += record.payload.len() as u64;
+                    if unfinished.get(&record.partition).is_some_and(|end| record.offset + 1 >= *end) {
+                        unfinished.remove(&record.partition);
+                    }
                 }
             }
         }
     }
     summary.seconds = started.elapsed().as_secs_f64();
+    drop(fetch);
     kafka::close_in_background(consumer);
     Ok(summary)
 }

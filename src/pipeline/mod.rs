@@ -23,6 +23,7 @@ use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use crate::cli::{KafkaArgs, RedisArgs};
 use crate::error::{Error, Result};
 use crate::faults;
+use crate::fetch::FetchQueue;
 use crate::kafka::{
     self, DeadLetter, DeadLetters, PartitionBatch, SourceConsumer, SourceContext, SourceEvent, SourceOptions, REQUEST_TIMEOUT,
 };
@@ -101,7 +102,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let store = Arc::new(open_store(&config).await?);
     let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
     let consumer = Arc::new(create_consumer(&config)?);
-    let (positions, end_offsets) = assign(&consumer, &config, &partitions)?;
+    let (positions, end_offsets, mut fetch) = assign(&consumer, &config, &partitions)?;
     let mut sink = RedisSink::connect(
         &config.redis.target.url,
         &config.redis.target.prefix,
@@ -118,10 +119,10 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let source_options =
         SourceOptions { max_rows: config.max_batch_rows, linger: config.linger, end_offsets: config.exit_at_end.then_some(end_offsets) };
     let source = {
-        let (consumer, stop) = (consumer.clone(), stop.clone());
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name("kafka-source".into())
-            .spawn(move || kafka::run_source(&consumer, &source_options, &positions, &tx, &stop))
+            .spawn(move || kafka::run_source(&mut fetch, &source_options, &positions, &tx, &stop))
             .map_err(|e| Error::io("kafka-source thread", e))?
     };
 
@@ -235,15 +236,18 @@ pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientC
     Ok(client)
 }
 
-type Positions = (HashMap<i32, i64>, HashMap<i32, i64>);
+/// Per partition, where it starts, where it ended at start, and the queue
+/// its records come through.
+type Assigned = (HashMap<i32, i64>, HashMap<i32, i64>, FetchQueue);
 
 /// Assigns every partition of the topic at its checkpointed offset (or the
-/// beginning). Returns where each starts and where each ended at start.
-fn assign(consumer: &SourceConsumer, config: &ConsumerConfig, checkpoints: &BTreeMap<i32, PartitionCheckpoint>) -> Result<Positions> {
+/// beginning). Returns where each starts, where each ended at start, and
+/// the queue their records come through.
+fn assign(consumer: &Arc<SourceConsumer>, config: &ConsumerConfig, checkpoints: &BTreeMap<i32, PartitionCheckpoint>) -> Result<Assigned> {
     let topic = &config.kafka.topic;
     let mut list = TopicPartitionList::new();
     let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
-    for partition in kafka::partitions_of(consumer, topic)? {
+    for partition in kafka::partitions_of(consumer.as_ref(), topic)? {
         let (low, high) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
         let start = match checkpoints.get(&partition) {
             Some(c) if c.next_offset < low || c.next_offset > high => {
@@ -260,9 +264,11 @@ fn assign(consumer: &SourceConsumer, config: &ConsumerConfig, checkpoints: &BTre
         positions.insert(partition, start);
         ends.insert(partition, high);
     }
+    let partitions: Vec<i32> = positions.keys().copied().collect();
+    let fetch = FetchQueue::new(consumer.clone(), topic, &partitions)?;
     consumer.assign(&list).map_err(|e| Error::kafka("assign", e))?;
     info!(%topic, partitions = positions.len(), "assigned at checkpointed offsets");
-    Ok((positions, ends))
+    Ok((positions, ends, fetch))
 }
 
 struct Loop {
