@@ -9,7 +9,9 @@
 //! Only records and per-partition errors (end of partition, offset out of
 //! range) take this path. Statistics, logs and client errors stay on the
 //! consumer's own queue, which the caller still polls once per round
-//! ([`FetchQueue::serve_events`]).
+//! ([`FetchQueue::serve_events`]). A consumer whose partitions change (a
+//! group rebalance) must forward each newly assigned partition before it
+//! starts fetching, as [`FetchQueue::new`] does for the first assignment.
 //!
 //! The only `unsafe` of the crate, confined to this module: each call is
 //! librdkafka's documented queue and message API, and every message is
