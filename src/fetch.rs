@@ -163,6 +163,8 @@ impl<'a> Fetched<'a> {
             // by the message.
             (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
         };
+        // `err` is read as rdkafka-sys's enum, generated from the header of
+        // the librdkafka it builds and links: every code it sets is a variant.
         let error = match m.err {
             rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => None,
             rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => Some(KafkaError::PartitionEOF(m.partition)),
