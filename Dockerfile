@@ -56,7 +56,7 @@ WORKDIR /app
 USER cryptopulse:cryptopulse
 # Two malloc arenas instead of glibc's eight per core: the consumer's
 # threads (librdkafka's, tokio's, RocksDB's) otherwise each keep freed
-# memory in their own arena (README, Benchmarks, item 15: peak RSS 137-142
+# memory in their own arena (benches/HISTORY.md, item 15: peak RSS 137-142
 # -> 114-119 MiB over 10M trades at 10,000 symbols on 2 cores, for 4 % more
 # CPU; glibc allows more arenas, and keeps more, on more cores).
 ENV CRYPTOPULSE_STATE_DIR=/var/lib/cryptopulse/consumer \

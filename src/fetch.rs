@@ -33,11 +33,14 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::error::{Error, Result};
 use crate::kafka::SourceConsumer;
 
+/// Records taken from librdkafka per call, at most.
+pub const MAX_BATCH: usize = 1024;
+
 /// Our queue, and the partition queues forwarded to it.
 pub struct FetchQueue {
     queue: NonNull<rd::rd_kafka_queue_t>,
     partitions: Vec<NonNull<rd::rd_kafka_queue_t>>,
-    /// Message pointers of the last batch; reused.
+    /// Room for the message pointers of one batch, allocated once.
     slots: Vec<*mut rd::rd_kafka_message_t>,
     /// Held so the client outlives every queue handle of it.
     consumer: Arc<SourceConsumer>,
@@ -58,7 +61,8 @@ impl FetchQueue {
         // SAFETY: rk is a live client handle (held by `consumer`).
         let queue =
             NonNull::new(unsafe { rd::rd_kafka_queue_new(rk) }).ok_or_else(|| Error::Config("librdkafka could not make a queue".into()))?;
-        let mut fetch = FetchQueue { queue, partitions: Vec::new(), slots: Vec::new(), consumer };
+        let slots = vec![std::ptr::null_mut(); MAX_BATCH];
+        let mut fetch = FetchQueue { queue, partitions: Vec::new(), slots, consumer };
         for &partition in partitions {
             // SAFETY: as above; topic_c outlives the call.
             let handle = unsafe { rd::rd_kafka_queue_get_partition(rk, topic_c.as_ptr(), partition) };
@@ -71,12 +75,11 @@ impl FetchQueue {
         Ok(fetch)
     }
 
-    /// Up to `max` records: the first within `timeout` (none if it passes),
-    /// then only what is already queued, without waiting for more.
+    /// Up to `max` records (at most [`MAX_BATCH`]): the first within
+    /// `timeout` (none if it passes), then only what is already queued,
+    /// without waiting for more.
     pub fn fetch(&mut self, timeout: Duration, max: usize) -> Fetched<'_> {
-        let max = max.max(1);
-        self.slots.clear();
-        self.slots.resize(max, std::ptr::null_mut());
+        let max = max.clamp(1, MAX_BATCH);
         // librdkafka fills a batch until it is full or the timeout passes:
         // wait for one record, then take the rest without waiting.
         let mut got = self.consume(timeout, 0, 1);
@@ -144,20 +147,22 @@ pub struct Record<'a> {
     pub error: Option<KafkaError>,
 }
 
-impl<'a> Fetched<'a> {
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
+impl Fetched<'_> {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
 
-    /// Record `i` (`i < len()`), borrowed from the batch.
-    pub fn get(&self, i: usize) -> Record<'_> {
-        // SAFETY: librdkafka filled slots[..len] with messages it hands over
-        // to us; they stay valid until destroyed in Drop.
-        let m = unsafe { &*self.slots[i] };
+    /// The records in the order librdkafka handed them out (offset order
+    /// within a partition), borrowed from the batch.
+    pub fn iter(&self) -> impl Iterator<Item = Record<'_>> {
+        self.slots.iter().map(|&message| self.record(message))
+    }
+
+    fn record(&self, message: *mut rd::rd_kafka_message_t) -> Record<'_> {
+        // SAFETY: librdkafka filled the slots with messages it hands over to
+        // us; they stay valid until destroyed when this batch drops, and the
+        // record borrows the batch.
+        let m = unsafe { &*message };
         let bytes = |ptr: *mut std::ffi::c_void, len: usize| {
             // SAFETY: a non-null payload or key points to `len` bytes owned
             // by the message.

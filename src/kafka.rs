@@ -326,9 +326,6 @@ pub fn run_source(
 /// The batches of a round, its rejects, and when its first record came.
 type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
-/// Records taken from librdkafka per call, at most.
-pub const FETCH_SLOTS: usize = 1024;
-
 /// One batch: up to `max_rows` records or `linger` after the first one.
 fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
@@ -347,15 +344,14 @@ fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut 
                 left => left,
             },
         };
-        let batch = fetch.fetch(timeout, (options.max_rows - rows).min(FETCH_SLOTS));
+        let batch = fetch.fetch(timeout, options.max_rows - rows);
         if batch.is_empty() {
             match first {
                 None => return Ok((pending, rejected, None)),
                 Some(_) => break,
             }
         }
-        for i in 0..batch.len() {
-            let record = batch.get(i);
+        for record in batch.iter() {
             match record.error {
                 None => {}
                 Some(KafkaError::PartitionEOF(partition)) => {

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
-use crate::fetch::FetchQueue;
-use crate::kafka::{self, SourceConsumer, SourceContext, FETCH_SLOTS, REQUEST_TIMEOUT};
+use crate::fetch::{FetchQueue, MAX_BATCH};
+use crate::kafka::{self, SourceConsumer, SourceContext, REQUEST_TIMEOUT};
 use crate::pipeline::source_client_config;
 
 /// What the no-op consumer read.
@@ -56,9 +56,8 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
         if let Some(e) = fetch.serve_events() {
             return Err(Error::kafka("consume", e));
         }
-        let batch = fetch.fetch(Duration::from_millis(100), FETCH_SLOTS);
-        for i in 0..batch.len() {
-            let record = batch.get(i);
+        let batch = fetch.fetch(Duration::from_millis(100), MAX_BATCH);
+        for record in batch.iter() {
             match record.error {
                 Some(KafkaError::PartitionEOF(partition)) => {
                     unfinished.remove(&partition);
