@@ -326,7 +326,12 @@ pub fn run_source(
 /// The batches of a round, its rejects, and when its first record came.
 type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
-/// One batch: up to `max_rows` records or `linger` after the first one.
+/// One batch: what is queued once the first record came, up to `max_rows`;
+/// when the queue runs dry, more only until `linger` after the first record.
+///
+/// A batch never waits for records that are not there yet with the default
+/// linger of zero: under load the queue is deep and batches fill up, at a
+/// live trickle a batch is the few records that came, written at once.
 fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
@@ -338,11 +343,7 @@ fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut 
         }
         let timeout = match first {
             None => Duration::from_millis(100),
-            // The queue ran dry: wait for more until the deadline.
-            Some(at) => match (at + options.linger).saturating_duration_since(Instant::now()) {
-                left if left.is_zero() => break,
-                left => left,
-            },
+            Some(at) => (at + options.linger).saturating_duration_since(Instant::now()),
         };
         let batch = fetch.fetch(timeout, options.max_rows - rows);
         if batch.is_empty() {

@@ -39,8 +39,9 @@ struct Cli {
     /// Most records in one batch.
     #[arg(long, env = "CRYPTOPULSE_BATCH_ROWS", default_value_t = 16_384)]
     batch_rows: usize,
-    /// How long a batch waits to fill after its first record, in ms.
-    #[arg(long, env = "CRYPTOPULSE_LINGER_MS", default_value_t = 10)]
+    /// How long a batch may wait for more records once the queue ran dry,
+    /// counted from its first record, in ms. 0: never wait, ship what came.
+    #[arg(long, env = "CRYPTOPULSE_LINGER_MS", default_value_t = 0)]
     linger_ms: u64,
     /// Live mode: a bar is also final this many ms after its end without a
     /// newer trade of its symbol (wall clock). Off for replays and tests.

@@ -85,7 +85,7 @@ impl Lane {
             checkpoint_interval: Duration::from_millis(200),
             checkpoint_records: 5_000,
             max_batch_rows: 4096,
-            linger: Duration::from_millis(5),
+            linger: Duration::ZERO,
             idle_finalize: None,
         }
     }
