@@ -47,6 +47,13 @@ async fn a_tiny_run_measures_every_process_and_cleans_up() {
         assert!(bars[0].is_some_and(|b| b > 0) && bars.iter().all(|b| *b == bars[0]), "{bars:?}");
         assert!(point.consumer.samples.iter().all(|s| s.redis_cpu_s.is_some_and(|c| c >= 0.0)));
         assert_eq!(point.bar_cost.bars_per_million, bars[0].unwrap() as f64 / 2_000.0 * 1e6);
+        // The cores' bound: this machine's cores over each process's CPU per
+        // trade plus Redis's, as measured in these repeats.
+        let (bound, redis) = (point.cpu_bound, point.bar_cost.redis_cpu_s_per_million.median);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        let expected = cores as f64 / (point.consumer.cpu_s_per_million.median + redis) * 1e6;
+        assert!(bound.cpus == cores && (bound.consumer_and_redis_per_s - expected).abs() < 1e-6 * expected, "{bound:?}");
+        assert!(bound.fetch_and_redis_per_s > 0.0 && bound.fetch_and_redis_ratio.is_finite(), "{bound:?}");
     }
     let producer = report.producer.as_ref().unwrap();
     assert!(producer.record_bytes > 100 && producer.record_bytes < 200, "{}", producer.record_bytes);

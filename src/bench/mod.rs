@@ -28,7 +28,7 @@ use crate::synth::{self, SynthConfig};
 use crate::trade::TradeColumns;
 use crate::{binance, sink};
 use measure::Measured;
-use report::{BarCost, LatencyPoint, ProducerPoint, Report, Sample, Series, SymbolPoint};
+use report::{BarCost, CpuBound, LatencyPoint, ProducerPoint, Report, Sample, Series, SymbolPoint};
 
 /// The histogram the consumer exports (`--metrics-addr`).
 pub const BAR_LATENCY_METRIC: &str = "cryptopulse_bar_latency_seconds";
@@ -122,7 +122,7 @@ impl Bench<'_> {
         for (i, &symbols) in self.config.symbols.iter().enumerate() {
             let input = self.input(symbols, SynthConfig { symbols, repeats: 1, trades: Some(self.config.trades) }).await?;
             let producers = i == 0 && self.config.kafka_classpath.is_some();
-            let (point, producer) = self.symbol_point(symbols, &input, producers).await?;
+            let (point, producer) = self.symbol_point(symbols, &input, producers, report.cpus).await?;
             println!("{} symbols: consumer / ceiling {:.2}, CPU ratio {:.2}", symbols, point.throughput_ratio, point.cpu_ratio);
             report.points.push(point);
             report.producer = report.producer.take().or(producer);
@@ -134,7 +134,13 @@ impl Bench<'_> {
     }
 
     /// Loads the input into a fresh topic, then measures in rotation.
-    async fn symbol_point(&mut self, symbols: usize, input: &Path, producers: bool) -> Result<(SymbolPoint, Option<ProducerPoint>)> {
+    async fn symbol_point(
+        &mut self,
+        symbols: usize,
+        input: &Path,
+        producers: bool,
+        cpus: usize,
+    ) -> Result<(SymbolPoint, Option<ProducerPoint>)> {
         let topic = format!("{}.s{symbols}", self.run);
         let trades = self.config.trades;
         self.replay(input, &topic, None, None).await?;
@@ -153,12 +159,14 @@ impl Bench<'_> {
         }
         self.drop_topic(&topic).await;
         let (noop, consumer) = (Series::new("noop", noop), Series::new("consumer", consumer));
+        let bar_cost = BarCost::of(&consumer);
         let point = SymbolPoint {
             symbols,
             trades,
             throughput_ratio: consumer.trades_per_s.median / noop.trades_per_s.median,
             cpu_ratio: consumer.cpu_s_per_million.median / noop.cpu_s_per_million.median,
-            bar_cost: BarCost::of(&consumer),
+            cpu_bound: CpuBound::of(cpus, &noop, &consumer, &bar_cost),
+            bar_cost,
             noop,
             consumer,
         };

@@ -114,6 +114,42 @@ pub struct SymbolPoint {
     pub cpu_ratio: f64,
     /// What the trades cost per bar: the same input makes the same bars.
     pub bar_cost: BarCost,
+    /// What the machine's cores allow at these costs.
+    pub cpu_bound: CpuBound,
+}
+
+/// The most the cores can carry at the CPU per trade measured, were they
+/// busy with nothing else (the broker and the benchmark left out, so the
+/// true bound is lower): `cpus / (fetching + Redis CPU per trade)`.
+///
+/// `fetch_and_redis` counts the no-op's CPU for fetching: the bound on any
+/// consumer that reads like the ceiling and writes the same bars to Redis,
+/// however little it spent on the rest. `consumer_and_redis` counts the
+/// consumer's own CPU. Each rate also over the ceiling's median, the
+/// throughput ratio's denominator.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuBound {
+    pub cpus: usize,
+    pub fetch_and_redis_per_s: f64,
+    pub fetch_and_redis_ratio: f64,
+    pub consumer_and_redis_per_s: f64,
+    pub consumer_and_redis_ratio: f64,
+}
+
+impl CpuBound {
+    pub fn of(cpus: usize, noop: &Series, consumer: &Series, bar_cost: &BarCost) -> Self {
+        let redis = bar_cost.redis_cpu_s_per_million.median;
+        let per_s = |cpu_s_per_million: f64| cpus as f64 / (cpu_s_per_million + redis) * 1e6;
+        let (fetch, own) = (per_s(noop.cpu_s_per_million.median), per_s(consumer.cpu_s_per_million.median));
+        let ceiling = noop.trades_per_s.median;
+        CpuBound {
+            cpus,
+            fetch_and_redis_per_s: fetch,
+            fetch_and_redis_ratio: fetch / ceiling,
+            consumer_and_redis_per_s: own,
+            consumer_and_redis_ratio: own / ceiling,
+        }
+    }
 }
 
 /// The consumer's and Redis's work per bar at one symbol count: a million
@@ -210,6 +246,12 @@ impl Report {
                 out,
                 "  {:.0} bars per M trades; Redis CPU s per M trades {:.2} {:.2} {:.2}; CPU per bar: consumer {:.1} us, Redis {:.1} us",
                 b.bars_per_million, r.min, r.median, r.max, b.consumer_cpu_us_per_bar, b.redis_cpu_us_per_bar
+            );
+            let c = &p.cpu_bound;
+            let _ = writeln!(
+                out,
+                "  {} cpus carry at most: no-op fetching + Redis {:.0} trades/s ({:.2} x ceiling), consumer + Redis {:.0} ({:.2} x)",
+                c.cpus, c.fetch_and_redis_per_s, c.fetch_and_redis_ratio, c.consumer_and_redis_per_s, c.consumer_and_redis_ratio
             );
         }
         if let Some(p) = &self.producer {
@@ -348,14 +390,16 @@ mod tests {
             bars: None,
             redis_cpu_s: None,
         };
-        let consumer = Sample { bars: Some(4), redis_cpu_s: Some(0.25), ..sample.clone() };
+        let consumer = Sample { bars: Some(4), redis_cpu_s: Some(0.25), cpu_s_per_million: 1.75e5, ..sample.clone() };
         let point = |symbols| {
             let consumer = Series::new("consumer", vec![consumer.clone()]);
+            let (noop, bar_cost) = (Series::new("noop", vec![sample.clone()]), BarCost::of(&consumer));
             SymbolPoint {
                 symbols,
                 trades: 10,
-                noop: Series::new("noop", vec![sample.clone()]),
-                bar_cost: BarCost::of(&consumer),
+                cpu_bound: CpuBound::of(2, &noop, &consumer, &bar_cost),
+                noop,
+                bar_cost,
                 consumer,
                 throughput_ratio: 1.0,
                 cpu_ratio: 1.0,
@@ -379,8 +423,13 @@ mod tests {
         assert!(svg.contains(">10000</text>") && svg.contains(">redis-server</text>") && svg.ends_with("</svg>\n"));
         let table = report.table();
         assert!(table.contains("consumer / ceiling: throughput 1.00"), "{table}");
-        // 4 bars of 10 trades, 0.5 CPU s and 0.25 Redis CPU s over them.
+        // 4 bars of 10 trades, 1.75 consumer CPU s and 0.25 Redis CPU s over them.
         assert!(table.contains("400000 bars per M trades; Redis CPU s per M trades 25000.00"), "{table}");
-        assert!(table.contains("CPU per bar: consumer 125000.0 us, Redis 62500.0 us"), "{table}");
+        assert!(table.contains("CPU per bar: consumer 437500.0 us, Redis 62500.0 us"), "{table}");
+        // Two cpus over (50,000 or 175,000, + 25,000) CPU s per M trades, the ceiling at 10 trades/s.
+        assert!(
+            table.contains("2 cpus carry at most: no-op fetching + Redis 27 trades/s (2.67 x ceiling), consumer + Redis 10 (1.00 x)"),
+            "{table}"
+        );
     }
 }
