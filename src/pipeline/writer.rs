@@ -2,13 +2,21 @@
 //! own, so the loop decodes and computes the next batch while Redis and
 //! RocksDB work on this one.
 //!
-//! Work is done strictly in the order the loop sent it, one request at a
-//! time: a Redis write that fails is retried before anything after it
-//! starts, so each symbol's bars reach Redis in order, and a checkpoint is
-//! written only after Redis acknowledged every bar sent before it (SPEC §7,
-//! side effect first). The channel holds one item: besides the one being
-//! written, one more waits, and the loop's state runs at most two batches
-//! ahead of Redis.
+//! One request at a time, in the order the loop sent the work: a Redis
+//! write that fails is retried before anything after it starts, so each
+//! symbol's bars reach Redis in order, and a checkpoint is written only
+//! after Redis acknowledged every bar sent before it (SPEC §7, side effect
+//! first).
+//!
+//! What queued up while a write was out goes in one round: all its bars in
+//! one write, then its checkpoints in order. A round's bars may include
+//! bars sent after one of its checkpoints; that checkpoint is written after
+//! them, which is the order of a crash between a Redis write and the next
+//! checkpoint: the recovery writes those bars again, byte for byte the
+//! same. At a live trickle a round is one batch; when Redis is behind,
+//! rounds grow, and a script call carries more bars per symbol. The
+//! channel holds [`QUEUED`] items: the loop's state runs at most that many
+//! batches ahead of Redis, plus the round being written.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +36,9 @@ use crate::metrics::ConsumerMetrics;
 use crate::sink::RedisSink;
 use crate::window::FinalBar;
 
+/// Items the loop may queue for the writer before it waits.
+pub const QUEUED: usize = 8;
+
 /// One unit of work for the writer.
 pub enum Work {
     /// Final bars, and when the first record of the batch that closed them
@@ -43,6 +54,32 @@ pub struct Writer {
     tx: mpsc::Sender<Work>,
     /// Taken when the writer is waited for: a task is joined once.
     task: Option<JoinHandle<Result<u64>>>,
+}
+
+/// The work of one round: every bar in the order sent, and where each
+/// item's bars end with when their batch was polled; the checkpoints.
+#[derive(Default)]
+struct Round {
+    bars: Vec<FinalBar>,
+    polled: Vec<(usize, Instant)>,
+    checkpoints: Vec<(Vec<Encoded>, bool)>,
+}
+
+impl Round {
+    fn add(&mut self, work: Work) {
+        match work {
+            Work::Bars { bars, polled_at } if !bars.is_empty() => {
+                if self.bars.is_empty() {
+                    self.bars = bars;
+                } else {
+                    self.bars.extend(bars);
+                }
+                self.polled.push((self.bars.len(), polled_at));
+            }
+            Work::Bars { .. } => {}
+            Work::Checkpoint { partitions, last } => self.checkpoints.push((partitions, last)),
+        }
+    }
 }
 
 /// What the writer task owns.
@@ -68,7 +105,7 @@ impl Writer {
         topic: String,
         committed: BTreeMap<i32, i64>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(QUEUED);
         let task = Task { sink, store, consumer, topic, committed, last_commit: None, checkpoints: 0, metrics: ConsumerMetrics::new() };
         Writer { tx, task: Some(tokio::spawn(task.run(rx))) }
     }
@@ -102,18 +139,30 @@ async fn join(task: Option<JoinHandle<Result<u64>>>) -> Result<u64> {
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Work>) -> Result<u64> {
-        while let Some(work) = rx.recv().await {
-            match work {
-                Work::Bars { bars, polled_at } => self.write_bars(&bars, polled_at).await?,
-                Work::Checkpoint { partitions, last } => self.checkpoint(partitions, last).await?,
+        while let Some(first) = rx.recv().await {
+            let mut round = Round::default();
+            round.add(first);
+            while let Ok(work) = rx.try_recv() {
+                round.add(work);
+            }
+            self.write_bars(&round).await?;
+            for (partitions, last) in round.checkpoints {
+                self.checkpoint(partitions, last).await?;
             }
         }
         Ok(self.checkpoints)
     }
 
-    async fn write_bars(&mut self, bars: &[FinalBar], polled_at: Instant) -> Result<()> {
-        self.sink.write(bars).await?;
-        self.metrics.bars_written(bars, polled_at);
+    async fn write_bars(&mut self, round: &Round) -> Result<()> {
+        if round.bars.is_empty() {
+            return Ok(());
+        }
+        self.sink.write(&round.bars).await?;
+        let mut from = 0;
+        for &(to, polled_at) in &round.polled {
+            self.metrics.bars_written(&round.bars[from..to], polled_at);
+            from = to;
+        }
         faults::crash_point("after_redis_write");
         Ok(())
     }
