@@ -30,10 +30,19 @@ fn armed() -> Option<&'static Armed> {
 
 /// Aborts the process if this point is armed and its count is reached.
 pub fn crash_point(point: &str) {
-    if let Some(armed) = armed() {
-        if armed.point == point && armed.remaining.fetch_sub(1, Ordering::Relaxed) == 1 {
-            eprintln!("crash point {point} reached: aborting");
-            std::process::abort();
-        }
+    crash_points(point, 1);
+}
+
+/// `passes` passes of `point` at once (work that was merged passes it once
+/// per piece, as the harness counts): aborts if the armed count is among them.
+pub fn crash_points(point: &str, passes: u64) {
+    let Some(armed) = armed() else { return };
+    if armed.point != point || passes == 0 {
+        return;
+    }
+    let before = armed.remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left.saturating_sub(passes)));
+    if before.is_ok_and(|left| (1..=passes).contains(&left)) {
+        eprintln!("crash point {point} reached: aborting");
+        std::process::abort();
     }
 }

@@ -9,11 +9,12 @@
 //! first).
 //!
 //! What queued up while a write was out goes in one round: all its bars in
-//! one write, then its checkpoints in order. A round's bars may include
-//! bars sent after one of its checkpoints; that checkpoint is written after
-//! them, which is the order of a crash between a Redis write and the next
-//! checkpoint: the recovery writes those bars again, byte for byte the
-//! same. At a live trickle a round is one batch; when Redis is behind,
+//! one write, then one checkpoint of each partition's newest state among
+//! the round's checkpoints. A round's bars may include bars sent after one
+//! of its checkpoints, and the state of that checkpoint is then never
+//! written alone: it is the order of a crash between a Redis write and the
+//! next checkpoint, and the recovery writes those bars again, byte for
+//! byte the same. At a live trickle a round is one batch; when Redis is behind,
 //! rounds grow, and a script call carries more bars per symbol. The
 //! channel holds [`QUEUED`] items: the loop's state runs at most that many
 //! batches ahead of Redis, plus the round being written.
@@ -37,7 +38,7 @@ use crate::sink::RedisSink;
 use crate::window::FinalBar;
 
 /// Items the loop may queue for the writer before it waits.
-pub const QUEUED: usize = 8;
+pub const QUEUED: usize = 16;
 
 /// One unit of work for the writer.
 pub enum Work {
@@ -57,18 +58,31 @@ pub struct Writer {
 }
 
 /// The work of one round: every bar in the order sent, and where each
-/// item's bars end with when their batch was polled; the checkpoints.
+/// item's bars end with when their batch was polled; of the checkpoints,
+/// each partition's newest state, written once after all the bars.
 #[derive(Default)]
 struct Round {
     bars: Vec<FinalBar>,
     polled: Vec<(usize, Instant)>,
-    checkpoints: Vec<(Vec<Encoded>, bool)>,
+    checkpoint: BTreeMap<i32, Encoded>,
+    /// Items of bars, and checkpoints with partitions, that came in the
+    /// round: the crash points pass once per item, as the harness counts.
+    batches: u64,
+    checkpoints: u64,
+    /// A checkpoint came in the round.
+    checkpointed: bool,
+    /// The last one came: the consumer is stopping.
+    last: bool,
 }
 
 impl Round {
     fn add(&mut self, work: Work) {
         match work {
-            Work::Bars { bars, polled_at } if !bars.is_empty() => {
+            Work::Bars { bars, polled_at } => {
+                self.batches += 1;
+                if bars.is_empty() {
+                    return;
+                }
                 if self.bars.is_empty() {
                     self.bars = bars;
                 } else {
@@ -76,8 +90,12 @@ impl Round {
                 }
                 self.polled.push((self.bars.len(), polled_at));
             }
-            Work::Bars { .. } => {}
-            Work::Checkpoint { partitions, last } => self.checkpoints.push((partitions, last)),
+            Work::Checkpoint { partitions, last } => {
+                self.checkpoints += u64::from(!partitions.is_empty());
+                self.checkpoint.extend(partitions.into_iter().map(|e| (e.partition, e)));
+                self.checkpointed = true;
+                self.last |= last;
+            }
         }
     }
 }
@@ -146,24 +164,24 @@ impl Task {
                 round.add(work);
             }
             self.write_bars(&round).await?;
-            for (partitions, last) in round.checkpoints {
-                self.checkpoint(partitions, last).await?;
+            if round.checkpointed {
+                // The merged checkpoints pass the crash point inside the
+                // save here, before the one the save itself passes.
+                faults::crash_points("inside_checkpoint", round.checkpoints.saturating_sub(1));
+                self.checkpoint(round.checkpoint.into_values().collect(), round.last).await?;
             }
         }
         Ok(self.checkpoints)
     }
 
     async fn write_bars(&mut self, round: &Round) -> Result<()> {
-        if round.bars.is_empty() {
-            return Ok(());
-        }
         self.sink.write(&round.bars).await?;
         let mut from = 0;
         for &(to, polled_at) in &round.polled {
             self.metrics.bars_written(&round.bars[from..to], polled_at);
             from = to;
         }
-        faults::crash_point("after_redis_write");
+        faults::crash_points("after_redis_write", round.batches);
         Ok(())
     }
 
@@ -198,5 +216,41 @@ impl Task {
         if let Err(e) = self.consumer.commit(&list, mode) {
             warn!(error = %e, "offset commit for lag monitoring failed; checkpoints are unaffected");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::PartitionCheckpoint;
+    use crate::window::Bar;
+
+    fn bar(symbol: &str, end: i64) -> FinalBar {
+        let bar = Bar { start: end - 1000, open: 1, high: 1, low: 1, close: 1, volume: 1, quote_volume: 1, buy_volume: 0, trades: 1 };
+        FinalBar { symbol: symbol.into(), end, bar, vwap_bar: 1.0, vwap_long: 1.0, rsi: None }
+    }
+
+    fn checkpoint(partition: i32, next_offset: i64) -> Encoded {
+        PartitionCheckpoint { next_offset, ..Default::default() }.encode(partition, 0).unwrap()
+    }
+
+    #[test]
+    fn a_round_keeps_the_bars_in_order_and_each_partitions_newest_state() {
+        let at = Instant::now();
+        let mut round = Round::default();
+        round.add(Work::Bars { bars: vec![bar("A", 1000), bar("B", 1000)], polled_at: at });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 10), checkpoint(1, 20)], last: false });
+        round.add(Work::Bars { bars: Vec::new(), polled_at: at });
+        round.add(Work::Bars { bars: vec![bar("A", 2000)], polled_at: at });
+        round.add(Work::Checkpoint { partitions: Vec::new(), last: false });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 30)], last: true });
+
+        let order: Vec<(&str, i64)> = round.bars.iter().map(|b| (b.symbol.as_str(), b.end)).collect();
+        assert_eq!(order, [("A", 1000), ("B", 1000), ("A", 2000)]);
+        assert_eq!(round.polled.iter().map(|(to, _)| *to).collect::<Vec<_>>(), [2, 3]);
+        let offsets: Vec<(i32, i64)> = round.checkpoint.values().map(|e| (e.partition, e.next_offset)).collect();
+        assert_eq!(offsets, [(0, 30), (1, 20)]);
+        // Three items of bars (one empty), two checkpoints with partitions.
+        assert_eq!((round.batches, round.checkpoints, round.checkpointed, round.last), (3, 2, true, true));
     }
 }
