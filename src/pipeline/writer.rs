@@ -14,10 +14,10 @@
 //! of its checkpoints, and the state of that checkpoint is then never
 //! written alone: it is the order of a crash between a Redis write and the
 //! next checkpoint, and the recovery writes those bars again, byte for
-//! byte the same. At a live trickle a round is one batch; when Redis is behind,
-//! rounds grow, and a script call carries more bars per symbol. The
-//! channel holds [`QUEUED`] items: the loop's state runs at most that many
-//! batches ahead of Redis, plus the round being written.
+//! byte the same. At a live trickle a round is one batch; when Redis is
+//! behind, rounds grow, and a script call carries more bars per symbol.
+//! The channel holds [`QUEUED`] items: the loop's state runs at most that
+//! many batches ahead of Redis, plus the round being written.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
