@@ -1,0 +1,77 @@
+//! Live mode (`--idle-finalize-ms`) through the real broker and Redis: a
+//! symbol that goes quiet still gets its last bar written once the bar's
+//! end is that far behind the wall clock, and a trade for that second
+//! which comes afterwards is late (SPEC §3, §5).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::Lane;
+use cryptopulse::pipeline;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::AsyncCommands;
+
+const SYMBOL: &str = "LIVEUSDT";
+
+fn trade(id: u64, time: i64, price: &str, qty: &str) -> String {
+    format!(r#"{{"e":"trade","E":{time},"s":"{SYMBOL}","t":{id},"p":"{price}","q":"{qty}","T":{time},"m":false,"M":true}}"#)
+}
+
+async fn produce(lane: &Lane, payloads: &[String]) {
+    let producer: FutureProducer = lane.kafka.producer_config().unwrap().create().unwrap();
+    for payload in payloads {
+        let record = FutureRecord::to(&lane.kafka.topic).key(SYMBOL).payload(payload);
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_then_is_late() {
+    let lane = Lane::new("live");
+    lane.kafka.ensure_topics().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = lane.consumer_config(state.path());
+    config.exit_at_end = false;
+    config.idle_finalize = Some(Duration::from_millis(300));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let consumer = tokio::spawn(pipeline::run(config, async move {
+        let _ = stopped.await;
+    }));
+
+    // Two trades in the current second, and none after them.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let start = now - now % 1000;
+    produce(&lane, &[trade(1, start + 1, "100.00000000", "1.00000000"), trade(2, start + 2, "102.00000000", "3.00000000")]).await;
+
+    let mut redis = lane.redis().await;
+    let latest = format!("{}:latest:{SYMBOL}", lane.redis.target.prefix);
+    common::wait_for(|| {
+        let (mut redis, latest) = (redis.clone(), latest.clone());
+        async move { redis.exists::<_, bool>(&latest).await.unwrap() }
+    })
+    .await;
+    let hash: HashMap<String, String> = redis.hgetall(&latest).await.unwrap();
+    assert_eq!(hash["window_end"], (start + 1000).to_string(), "{hash:?}");
+    assert_eq!((hash["close"].as_str(), hash["volume"].as_str(), hash["trades"].as_str()), ("102.00000000", "4.00000000", "2"), "{hash:?}");
+    let stream = format!("{}:bars:{SYMBOL}", lane.redis.target.prefix);
+    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).await.unwrap();
+    let ids: Vec<&str> = entries.ids.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, [format!("{}-0", start + 1000)]);
+
+    // The bar is final: a newer trade for its second changes nothing.
+    let late = trade(3, start + 500, "90.00000000", "1.00000000");
+    produce(&lane, std::slice::from_ref(&late)).await;
+    let letters = lane.dead_letters(1);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let (headers, payload) = &letters[0];
+    assert!(headers.contains(&("reason".to_owned(), "late".to_owned())), "{headers:?}");
+    assert_eq!(payload, late.as_bytes());
+
+    let _ = stop.send(());
+    let summary = consumer.await.unwrap().unwrap();
+    assert_eq!((summary.counts.applied, summary.counts.late, summary.counts.bars), (2, 1, 1), "{:?}", summary.counts);
+    let after: HashMap<String, String> = redis.hgetall(&latest).await.unwrap();
+    assert_eq!(after, hash, "the late trade left the bar as it was");
+}
