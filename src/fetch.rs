@@ -11,7 +11,7 @@
 //! consumer's own queue, which the caller still polls once per round
 //! ([`FetchQueue::serve_events`]). A consumer whose partitions change (a
 //! group rebalance) must forward each newly assigned partition before it
-//! starts fetching, as [`FetchQueue::new`] does for the first assignment.
+//! starts fetching, as [`FetchQueue::assign`] does for the first assignment.
 //!
 //! The only `unsafe` of the crate, confined to this module: each call is
 //! librdkafka's documented queue and message API, and every message is
@@ -29,6 +29,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
 
 use crate::error::{Error, Result};
 use crate::kafka::SourceConsumer;
@@ -52,18 +53,19 @@ pub struct FetchQueue {
 unsafe impl Send for FetchQueue {}
 
 impl FetchQueue {
-    /// Forwards the fetch queues of `partitions` of `topic` to a new queue.
-    /// Call it before assigning them: records fetched before would go to the
-    /// consumer's own queue.
-    pub fn new(consumer: Arc<SourceConsumer>, topic: &str, partitions: &[i32]) -> Result<Self> {
+    /// Assigns `consumer` the partitions of `list`, their fetch queues
+    /// forwarded to a new queue first: a record fetched before the forward
+    /// would go to the consumer's own queue.
+    pub fn assign(consumer: Arc<SourceConsumer>, list: &TopicPartitionList) -> Result<Self> {
         let rk = consumer.client().native_ptr();
-        let topic_c = CString::new(topic).map_err(|_| Error::Config(format!("topic {topic:?} has a NUL byte")))?;
         // SAFETY: rk is a live client handle (held by `consumer`).
         let queue =
             NonNull::new(unsafe { rd::rd_kafka_queue_new(rk) }).ok_or_else(|| Error::Config("librdkafka could not make a queue".into()))?;
         let slots = vec![std::ptr::null_mut(); MAX_BATCH];
         let mut fetch = FetchQueue { queue, partitions: Vec::new(), slots, consumer };
-        for &partition in partitions {
+        for element in list.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            let topic_c = CString::new(topic).map_err(|_| Error::Config(format!("topic {topic:?} has a NUL byte")))?;
             // SAFETY: as above; topic_c outlives the call.
             let handle = unsafe { rd::rd_kafka_queue_get_partition(rk, topic_c.as_ptr(), partition) };
             let handle = NonNull::new(handle).ok_or_else(|| Error::Config(format!("no fetch queue for {topic}/{partition}")))?;
@@ -72,6 +74,7 @@ impl FetchQueue {
             unsafe { rd::rd_kafka_queue_forward(handle.as_ptr(), fetch.queue.as_ptr()) };
             fetch.partitions.push(handle);
         }
+        fetch.consumer.assign(list).map_err(|e| Error::kafka("assign", e))?;
         Ok(fetch)
     }
 

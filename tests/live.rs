@@ -10,21 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::Lane;
 use cryptopulse::pipeline;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::AsyncCommands;
 
 const SYMBOL: &str = "LIVEUSDT";
 
 fn trade(id: u64, time: i64, price: &str, qty: &str) -> String {
     format!(r#"{{"e":"trade","E":{time},"s":"{SYMBOL}","t":{id},"p":"{price}","q":"{qty}","T":{time},"m":false,"M":true}}"#)
-}
-
-async fn produce(lane: &Lane, payloads: &[String]) {
-    let producer: FutureProducer = lane.kafka.producer_config().unwrap().create().unwrap();
-    for payload in payloads {
-        let record = FutureRecord::to(&lane.kafka.topic).key(SYMBOL).payload(payload);
-        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +34,8 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
     // Two trades in the current second, and none after them.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let start = now - now % 1000;
-    produce(&lane, &[trade(1, start + 1, "100.00000000", "1.00000000"), trade(2, start + 2, "102.00000000", "3.00000000")]).await;
+    let (first, second) = (trade(1, start + 1, "100.00000000", "1.00000000"), trade(2, start + 2, "102.00000000", "3.00000000"));
+    lane.produce(SYMBOL, &[&first, &second]).await;
 
     let mut redis = lane.redis().await;
     let latest = format!("{}:latest:{SYMBOL}", lane.redis.target.prefix);
@@ -62,7 +54,7 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
 
     // The bar is final: a newer trade for its second changes nothing.
     let late = trade(3, start + 500, "90.00000000", "1.00000000");
-    produce(&lane, std::slice::from_ref(&late)).await;
+    lane.produce(SYMBOL, &[&late]).await;
     let letters = lane.dead_letters(1);
     assert_eq!(letters.len(), 1, "{letters:?}");
     let (headers, payload) = &letters[0];

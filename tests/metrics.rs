@@ -6,12 +6,11 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::prometheus::{free_addr, spawn_consumer, Killed, Prometheus};
 use common::{wait_for, Lane};
 use cryptopulse::metrics as m;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const FIXTURE_TRADES: f64 = 15_863.0;
 const FIXTURE_BARS: f64 = 663.0;
@@ -39,12 +38,6 @@ fn spawn_producer(lane: &Lane, addr: std::net::SocketAddr) -> Killed {
     Killed(child)
 }
 
-async fn send_malformed(lane: &Lane) {
-    let producer: FutureProducer = lane.kafka.producer_config().unwrap().create().unwrap();
-    let record = FutureRecord::to(&lane.kafka.topic).key("BTCUSDT").payload(r#"{"e":"trade","s":"BTCUSDT","t":1"#);
-    producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_what_the_consumer_did() {
     let lane = Lane::new("metrics");
@@ -52,7 +45,7 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     assert_eq!(trades, FIXTURE_TRADES);
     let duplicates = lane.replay(Some(AGAIN_FROM_MS), Some(AGAIN_TO_MS)).await.trades as f64;
     assert!(duplicates > 0.0);
-    send_malformed(&lane).await;
+    lane.produce("BTCUSDT", &[r#"{"e":"trade","s":"BTCUSDT","t":1"#]).await;
 
     let (consumer_addr, producer_addr) = (free_addr(), free_addr());
     let state = tempfile::tempdir().unwrap();

@@ -4,11 +4,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use common::{Lane, EXPECTED};
-use cryptopulse::cli::KafkaArgs;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::AsyncCommands;
 
 const FIXTURE_TRADES: u64 = 15_863;
@@ -111,13 +108,6 @@ fn malformed() -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn produce(kafka: &KafkaArgs, key: &str, payloads: &[String]) {
-    let producer: FutureProducer = kafka.producer_config().unwrap().create().unwrap();
-    for payload in payloads {
-        producer.send(FutureRecord::to(&kafka.topic).key(key).payload(payload), Duration::from_secs(30)).await.map_err(|(e, _)| e).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else() {
     let clean = Lane::new("clean");
@@ -129,14 +119,14 @@ async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else()
     dirty.replay(None, Some(middle)).await;
     let bad = malformed();
     // Keyed like real trades so they land in the partitions the trades use.
-    produce(&dirty.kafka, "BTCUSDT", &bad.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>()).await;
-    produce(&dirty.kafka, "ETHUSDT", &[bad[1].1.clone()]).await;
+    dirty.produce("BTCUSDT", &bad.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>()).await;
+    dirty.produce("ETHUSDT", &[&bad[1].1]).await;
     dirty.replay(Some(middle), None).await;
     // After everything: a trade with a new id for a second long final (late),
     // and a copy of a trade already applied (duplicate).
     let late = r#"{"e":"trade","E":1723161256100,"s":"BTCUSDT","t":3735800000,"p":"61800.00000000","q":"0.01000000","T":1723161256100,"m":false,"M":true}"#;
     let duplicate = r#"{"e":"trade","E":1723161255343,"s":"BTCUSDT","t":3735683259,"p":"61837.63000000","q":"0.02000000","T":1723161255342,"m":true,"M":true}"#;
-    produce(&dirty.kafka, "BTCUSDT", &[late.to_string(), duplicate.to_string()]).await;
+    dirty.produce("BTCUSDT", &[late, duplicate]).await;
 
     let summary = dirty.consume(tempfile::tempdir().unwrap().path()).await;
     assert_eq!(summary.counts.rejected, bad.len() as u64 + 1);

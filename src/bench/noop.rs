@@ -36,8 +36,7 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
     let mut list = TopicPartitionList::new();
     // As the consumer's source: looked up per record, so not hashed.
     let mut unfinished = BTreeMap::new();
-    let partitions = kafka::partitions_of(&consumer, &kafka.topic)?;
-    for &partition in &partitions {
+    for partition in kafka::partitions_of(&consumer, &kafka.topic)? {
         let (low, high) =
             consumer.fetch_watermarks(&kafka.topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
         list.add_partition_offset(&kafka.topic, partition, Offset::Offset(low)).map_err(|e| Error::kafka("assign", e))?;
@@ -46,10 +45,9 @@ pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
         }
     }
     let consumer = Arc::new(consumer);
-    // Every assigned partition, empty ones too: their end-of-partition
-    // events come on the queue they are forwarded to.
-    let mut fetch = FetchQueue::new(consumer.clone(), &kafka.topic, &partitions)?;
-    consumer.assign(&list).map_err(|e| Error::kafka("assign", e))?;
+    // Every partition, empty ones too: their end-of-partition events come
+    // on the queue they are forwarded to.
+    let mut fetch = FetchQueue::assign(consumer.clone(), &list)?;
     let started = Instant::now();
     let mut summary = NoopSummary::default();
     while !unfinished.is_empty() {

@@ -264,9 +264,7 @@ fn assign(consumer: &Arc<SourceConsumer>, config: &ConsumerConfig, checkpoints: 
         positions.insert(partition, start);
         ends.insert(partition, high);
     }
-    let partitions: Vec<i32> = positions.keys().copied().collect();
-    let fetch = FetchQueue::new(consumer.clone(), topic, &partitions)?;
-    consumer.assign(&list).map_err(|e| Error::kafka("assign", e))?;
+    let fetch = FetchQueue::assign(consumer.clone(), &list)?;
     info!(%topic, partitions = positions.len(), "assigned at checkpointed offsets");
     Ok((positions, ends, fetch))
 }

@@ -16,6 +16,7 @@ use cryptopulse::sink;
 use cryptopulse::window::WindowConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
@@ -58,6 +59,16 @@ impl Lane {
                 redis_retry_secs: 60,
             },
             name,
+        }
+    }
+
+    /// Sends `payloads` to the raw topic as they are, keyed `key`, each
+    /// acknowledged before the next.
+    pub async fn produce(&self, key: &str, payloads: &[&str]) {
+        let producer: FutureProducer = self.kafka.producer_config().expect("producer config").create().expect("producer");
+        for payload in payloads {
+            let record = FutureRecord::to(&self.kafka.topic).key(key).payload(*payload);
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("send");
         }
     }
 
