@@ -54,7 +54,7 @@ impl ArchiveSummary {
             .flatten()
             .filter_map(|kv| Some((kv.key.as_str(), kv.value.as_deref()?)))
             .collect();
-        let bad = |what: &str| Error::Config(format!("{}: not a cryptopulse archive ({what})", path.display()));
+        let bad = |what: &str| Error::invalid_data(path.display().to_string(), format!("not a cryptopulse archive ({what})"));
         let rows = kv.get(META_ROWS).and_then(|v| v.parse().ok()).ok_or_else(|| bad("rows"))?;
         let symbols = kv.get(META_IDS).and_then(|v| serde_json::from_str(v).ok()).ok_or_else(|| bad("ids"))?;
         Ok(ArchiveSummary { rows, symbols })
@@ -119,7 +119,7 @@ impl ArchiveWriter {
         let summary =
             ArchiveSummary { rows: self.rows, symbols: self.ids.iter_mut().map(|(s, ids)| (s.clone(), summarize(ids))).collect() };
         let symbols: Vec<&str> = summary.symbols.keys().map(String::as_str).collect();
-        let ids = serde_json::to_string(&summary.symbols).map_err(|e| Error::Config(e.to_string()))?;
+        let ids = serde_json::to_string(&summary.symbols).map_err(|e| Error::Invariant(format!("symbol ids not serializable: {e}")))?;
         for (key, value) in
             [(META_FORMAT, "1".to_owned()), (META_ROWS, self.rows.to_string()), (META_SYMBOLS, symbols.join(",")), (META_IDS, ids)]
         {
@@ -147,7 +147,7 @@ pub fn open(path: &Path, batch_rows: usize) -> Result<ParquetRecordBatchReader> 
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
     if builder.schema().fields() != schema().fields() {
-        return Err(Error::Config(format!("{}: not a trade archive (schema {:?})", path.display(), builder.schema())));
+        return Err(Error::invalid_data(path.display().to_string(), format!("not a trade archive (schema {:?})", builder.schema())));
     }
     builder.with_batch_size(batch_rows).build().map_err(|e| parquet_err(path, e))
 }

@@ -20,8 +20,8 @@ const KEY_TOPIC: &[u8] = b"topic";
 /// Memtable size of a column family. Every checkpoint rewrites the state
 /// of its partitions, so a memtable fills with versions of the same keys:
 /// RocksDB's default (64 MiB, two of them) made the consumer's memory grow
-/// by about 50 MiB over a long run at 10,000 symbols. At this size it
-/// flushes every few checkpoints there, in the background.
+/// over a long run (benches/HISTORY.md, item 13). At this size it flushes
+/// every few checkpoints, in the background.
 const MEMTABLE_BYTES: usize = 4 << 20;
 /// Write-ahead log kept before the memtables are flushed.
 const WAL_BYTES: u64 = 16 << 20;
@@ -48,7 +48,7 @@ impl PartitionCheckpoint {
     /// cost more than the serialization.
     pub fn encode(&self, partition: i32, capacity: usize) -> Result<Encoded> {
         let bytes = postcard::to_extend(self, Vec::with_capacity(capacity))
-            .map_err(|e| Error::Config(format!("partition {partition}: state not serializable: {e}")))?;
+            .map_err(|e| Error::Invariant(format!("partition {partition}: state not serializable: {e}")))?;
         Ok(Encoded { partition, next_offset: self.next_offset, bytes })
     }
 }
@@ -67,6 +67,10 @@ impl Encoded {
         self.bytes.len()
     }
 }
+
+/// A checkpoint built by [`CheckpointStore::prepare`], written by
+/// [`CheckpointStore::commit`].
+pub struct Prepared(WriteBatch);
 
 /// An open checkpoint store, owned by one consumer at a time.
 pub struct CheckpointStore {
@@ -145,15 +149,24 @@ impl CheckpointStore {
 
     /// [`save`](Self::save) of partitions already serialized.
     pub fn save_encoded(&self, partitions: &[Encoded]) -> Result<()> {
+        self.commit(self.prepare(partitions)?)
+    }
+
+    /// The batch that saves `partitions`, not yet written.
+    pub fn prepare(&self, partitions: &[Encoded]) -> Result<Prepared> {
         let cf = self.cf(CF_PARTITIONS)?;
         let mut batch = WriteBatch::default();
         for encoded in partitions {
             batch.put_cf(cf, encoded.partition.to_be_bytes(), &encoded.bytes);
         }
-        crate::faults::crash_point("inside_checkpoint");
+        Ok(Prepared(batch))
+    }
+
+    /// Writes a prepared batch, synced: all of it or, after a crash, none.
+    pub fn commit(&self, prepared: Prepared) -> Result<()> {
         let started = std::time::Instant::now();
-        self.write(batch)?;
-        metrics::histogram!(crate::metrics::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+        self.write(prepared.0)?;
+        metrics::histogram!(crate::telemetry::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -1,9 +1,11 @@
 //! The one error type of the library: a variant per outside system, each
-//! keeping its source, and a way to ask whether trying again may help.
+//! keeping its source, one per kind of failure of our own (configuration,
+//! invalid data, a failed or panicked task, a broken invariant, a timeout),
+//! and a way to ask whether trying again may help.
 
 use std::path::PathBuf;
 
-use crate::binance::Reject;
+use crate::rejection::Reject;
 
 /// Everything that can go wrong in the library.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +64,27 @@ pub enum Error {
     /// The Prometheus exporter could not start (address in use, ...).
     #[error("metrics on {addr}: {reason}")]
     Metrics { addr: std::net::SocketAddr, reason: String },
-    /// The configuration given cannot work.
+    /// The flags and settings given cannot work together, or with what they
+    /// point at (a topic that does not exist, a state dir of another topic).
     #[error("configuration: {0}")]
     Config(String),
+    /// Data read from outside is not what it should be: a file that is not
+    /// a trade archive, a child program's output without its summary.
+    #[error("invalid data in {what}: {detail}")]
+    InvalidData { what: String, detail: String },
+    /// A task or thread of ours ended without doing its work: it stopped
+    /// early on another error, was cancelled, or its child process failed.
+    #[error("{task} failed: {detail}")]
+    TaskFailed { task: String, detail: String },
+    /// A task or thread of ours panicked: a bug.
+    #[error("{task} panicked")]
+    Panicked { task: String },
+    /// Something that cannot happen happened: a bug.
+    #[error("internal invariant broken: {0}")]
+    Invariant(String),
+    /// Waiting for something took longer than it may.
+    #[error("{what} took longer than {after:?}")]
+    Timeout { what: String, after: std::time::Duration },
 }
 
 impl Error {
@@ -85,8 +105,19 @@ impl Error {
                         redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain | redis::ErrorKind::NoScriptError
                     )
             }
-            Error::Io { .. } | Error::Binance { .. } => true,
-            _ => false,
+            Error::Io { .. } | Error::Binance { .. } | Error::Timeout { .. } => true,
+            Error::Checkpoint { .. }
+            | Error::CheckpointFormat { .. }
+            | Error::Arrow(_)
+            | Error::Parquet { .. }
+            | Error::Decode { .. }
+            | Error::RedisDataLost { .. }
+            | Error::Metrics { .. }
+            | Error::Config(_)
+            | Error::InvalidData { .. }
+            | Error::TaskFailed { .. }
+            | Error::Panicked { .. }
+            | Error::Invariant(_) => false,
         }
     }
 
@@ -100,6 +131,24 @@ impl Error {
 
     pub(crate) fn binance(context: impl Into<String>, detail: impl std::fmt::Display) -> Self {
         Error::Binance { context: context.into(), detail: detail.to_string() }
+    }
+
+    pub(crate) fn invalid_data(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Error::InvalidData { what: what.into(), detail: detail.to_string() }
+    }
+
+    pub(crate) fn task_failed(task: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        Error::TaskFailed { task: task.into(), detail: detail.to_string() }
+    }
+
+    /// A task that was joined and did not finish: panicked or cancelled.
+    pub(crate) fn join(task: impl Into<String>, error: tokio::task::JoinError) -> Self {
+        let task = task.into();
+        if error.is_panic() {
+            Error::Panicked { task }
+        } else {
+            Error::TaskFailed { task, detail: error.to_string() }
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -19,8 +19,8 @@ use tracing::warn;
 
 use crate::archive::{self, ArchiveSummary};
 use crate::binance;
-use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
+use crate::kafka::KafkaArgs;
 use crate::trade::{Trade, TradeColumns};
 
 /// How fast to replay.
@@ -88,9 +88,7 @@ pub async fn run(kafka: &KafkaArgs, options: ReplayOptions) -> Result<ReplaySumm
     kafka.ensure_topics().await?;
     let config = kafka.producer_config()?;
     let topic = kafka.topic.clone();
-    tokio::task::spawn_blocking(move || publish(&config, &topic, &options))
-        .await
-        .map_err(|e| Error::Config(format!("replay thread: {e}")))?
+    tokio::task::spawn_blocking(move || publish(&config, &topic, &options)).await.map_err(|e| Error::join("replay thread", e))?
 }
 
 #[derive(Default)]
@@ -150,7 +148,10 @@ fn publish(config: &ClientConfig, topic: &str, options: &ReplayOptions) -> Resul
     let failed = producer.context().failed.load(Ordering::Relaxed);
     if failed > 0 {
         let first = producer.context().first_error.lock().ok().and_then(|f| f.clone()).unwrap_or_default();
-        return Err(Error::Config(format!("{failed} of {} trades were not delivered; first error: {first}", summary.trades)));
+        return Err(Error::task_failed(
+            "replay",
+            format!("{failed} of {} trades were not delivered; first error: {first}", summary.trades),
+        ));
     }
     Ok(summary)
 }

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use clap::Args;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use tracing::warn;
@@ -12,6 +14,44 @@ use tracing::warn;
 use crate::decimal;
 use crate::error::{Error, Result};
 use crate::window::{FinalBar, MetricNames};
+
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+pub const DEFAULT_REDIS_PREFIX: &str = "cryptopulse";
+pub const DEFAULT_RETENTION_SECS: u64 = 24 * 60 * 60;
+
+/// Where Redis is and the prefix of the keys: all the read-only tools need.
+#[derive(Args, Debug, Clone)]
+pub struct RedisTarget {
+    /// Redis URL; put a password here only through the environment.
+    #[arg(id = "redis_url", long = "redis-url", value_name = "URL", env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
+    pub url: String,
+    /// Prefix of every key.
+    #[arg(id = "redis_prefix", long = "redis-prefix", value_name = "PREFIX", env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
+    pub prefix: String,
+}
+
+/// Where Redis is, how its keys are named and how writes are kept.
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    #[command(flatten)]
+    pub target: RedisTarget,
+    /// Event time kept in sorted sets and streams, in seconds.
+    #[arg(long, env = "CRYPTOPULSE_RETENTION_SECS", default_value_t = DEFAULT_RETENTION_SECS)]
+    pub retention_secs: u64,
+    /// How long a write keeps being retried while Redis is away, in seconds.
+    #[arg(long, env = "CRYPTOPULSE_REDIS_RETRY_SECS", default_value_t = 300)]
+    pub redis_retry_secs: u64,
+}
+
+impl RedisArgs {
+    pub fn retention_ms(&self) -> i64 {
+        i64::try_from(self.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    pub fn retry_for(&self) -> Duration {
+        Duration::from_secs(self.redis_retry_secs)
+    }
+}
 
 /// The bars of a batch in one call, symbol after symbol: the marker is
 /// checked and the symbols set extended once; per symbol, the latest hash
@@ -229,7 +269,7 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
 impl RedisSink {
     pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
         let conn = connect(url).await?;
-        let write_seconds = metrics::histogram!(crate::metrics::REDIS_WRITE_SECONDS);
+        let write_seconds = metrics::histogram!(crate::telemetry::REDIS_WRITE_SECONDS);
         Ok(RedisSink {
             conn,
             write_seconds,

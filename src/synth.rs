@@ -84,7 +84,7 @@ fn load(path: &Path, symbols: usize) -> Result<Vec<Source>> {
         }
     }
     if by_symbol.is_empty() || symbols == 0 {
-        return Err(Error::Config(format!("{}: no trades to repeat", path.display())));
+        return Err(Error::invalid_data(path.display().to_string(), "no trades to repeat"));
     }
     let n = by_symbol.len();
     let mut sources: Vec<Source> = by_symbol

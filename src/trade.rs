@@ -149,14 +149,14 @@ impl<'a> TradeColumns<'a> {
     /// Checks that `batch` has the trade schema and borrows its columns.
     pub fn new(batch: &'a RecordBatch) -> Result<Self> {
         if batch.schema().fields() != schema().fields() {
-            return Err(Error::Config(format!("batch schema {:?} is not the trade schema", batch.schema())));
+            return Err(Error::invalid_data("a trade batch", format!("schema {:?} is not the trade schema", batch.schema())));
         }
         let symbol = downcast::<DictionaryArray<Int32Type>>(batch, 0)?;
         let symbol_values = symbol
             .values()
             .as_any()
             .downcast_ref::<StringArray>()
-            .ok_or_else(|| Error::Config("symbol dictionary values are not strings".into()))?;
+            .ok_or_else(|| Error::invalid_data("a trade batch", "symbol dictionary values are not strings"))?;
         Ok(TradeColumns {
             symbol,
             symbol_values,
@@ -193,7 +193,7 @@ fn downcast<T: 'static>(batch: &RecordBatch, index: usize) -> Result<&T> {
         .column(index)
         .as_any()
         .downcast_ref::<T>()
-        .ok_or_else(|| Error::Config(format!("column {index} of a trade batch has an unexpected type")))
+        .ok_or_else(|| Error::invalid_data("a trade batch", format!("column {index} has an unexpected type")))
 }
 
 #[cfg(test)]

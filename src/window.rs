@@ -10,11 +10,32 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use arrow::array::{Array, RecordBatch};
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::decimal;
 use crate::error::{Error, Result};
 use crate::trade::TradeColumns;
+
+/// Window widths and the RSI period (SPEC §4).
+#[derive(Args, Debug, Clone)]
+pub struct WindowArgs {
+    /// Bar width in ms.
+    #[arg(long, env = "CRYPTOPULSE_BAR_MS", default_value_t = DEFAULT_BAR_MS)]
+    pub bar_ms: i64,
+    /// Width of the longer VWAP window in ms, a multiple of the bar.
+    #[arg(long, env = "CRYPTOPULSE_VWAP_MS", default_value_t = DEFAULT_VWAP_MS)]
+    pub vwap_ms: i64,
+    /// RSI period, in bars.
+    #[arg(long, env = "CRYPTOPULSE_RSI_PERIOD", default_value_t = DEFAULT_RSI_PERIOD)]
+    pub rsi_period: u32,
+}
+
+impl WindowArgs {
+    pub fn config(&self) -> WindowConfig {
+        WindowConfig { bar_ms: self.bar_ms, vwap_ms: self.vwap_ms, rsi_period: self.rsi_period }
+    }
+}
 
 /// Default bar width.
 pub const DEFAULT_BAR_MS: i64 = 1_000;
@@ -271,7 +292,10 @@ impl PartitionState {
             if !self.symbols.contains_key(symbol) {
                 self.symbols.insert(symbol.to_owned(), SymbolWindow::default());
             }
-            let window = self.symbols.get_mut(symbol).ok_or_else(|| Error::Config("symbol vanished".into()))?;
+            let window = self
+                .symbols
+                .get_mut(symbol)
+                .ok_or_else(|| Error::Invariant(format!("symbol {symbol} vanished from its partition's state")))?;
             window.admit(rows, &cols, cfg, &mut self.counts, &mut out.late_rows, &mut accepted);
             bars_of(&cols, &accepted, cfg, &mut bars);
             for bar in bars.drain(..) {

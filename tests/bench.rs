@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cryptopulse::bench::{self, BenchConfig, Bins, LatencyConfig};
+use cryptopulse::tooling::bench::{self, BenchConfig, Bins, LatencyConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 

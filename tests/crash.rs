@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{Lane, ARCHIVE};
-use cryptopulse::crashtest::{self, Cadence, CrashConfig};
-use cryptopulse::faults::POINTS;
+use cryptopulse::crash_point::CrashPoint;
+use cryptopulse::tooling::crashtest::{self, Cadence, CrashConfig};
 
 const KILLS: u32 = 25;
 /// Bars the fixture makes (as in tests/pipeline.rs).
@@ -39,7 +39,7 @@ async fn sigkills_and_crash_points_leave_redis_identical_to_an_uncrashed_run() {
     assert!(report.identical, "redis differs from the uncrashed run, seed {seed}:\n{report}");
     assert_eq!((report.missing, report.extra), (0, 0), "bars missing / extra, seed {seed}");
     assert!(report.kills_done >= KILLS, "{report}");
-    assert_eq!(report.crash_points_hit, POINTS, "every named crash point must fire, seed {seed}");
+    assert_eq!(report.crash_points_hit, CrashPoint::ALL, "every named crash point must fire, seed {seed}");
     assert_eq!(report.bars, FIXTURE_BARS, "the reference run wrote every bar of the fixture");
     // One injected bad record per slice, each dead-lettered with its source.
     assert!(report.dead_letters > KILLS as usize, "{report}");

@@ -468,9 +468,9 @@ fn undeclared_metrics(expr: &str) -> Vec<String> {
         }
     }
     let declared = |name: &str| {
-        cryptopulse::metrics::ALL.contains(&name)
+        cryptopulse::telemetry::ALL.contains(&name)
             || ["_bucket", "_count", "_sum"].iter().any(|suffix| {
-                name.strip_suffix(suffix).is_some_and(|base| base.ends_with("_seconds") && cryptopulse::metrics::ALL.contains(&base))
+                name.strip_suffix(suffix).is_some_and(|base| base.ends_with("_seconds") && cryptopulse::telemetry::ALL.contains(&base))
             })
     };
     words.into_iter().filter(|w| !PROMQL_WORDS.contains(w) && !declared(w)).map(str::to_owned).collect()
@@ -516,11 +516,11 @@ fn the_pipeline_dashboard_queries_every_declared_metric_and_nothing_else() {
         assert!(unknown.is_empty(), "{panel}: {expr} names {unknown:?}, which src/metrics.rs does not declare");
     }
     // Every series the services export has a panel.
-    for name in cryptopulse::metrics::ALL {
+    for name in cryptopulse::telemetry::ALL {
         assert!(exprs.iter().any(|(_, e)| e.contains(name)), "no panel shows {name}");
     }
     // Histograms are read as quantiles over their buckets, not as summaries.
-    for name in cryptopulse::metrics::ALL.iter().filter(|n| n.ends_with("_seconds")) {
+    for name in cryptopulse::telemetry::ALL.iter().filter(|n| n.ends_with("_seconds")) {
         assert!(exprs.iter().any(|(_, e)| e.starts_with("histogram_quantile(") && e.contains(&format!("{name}_bucket"))), "{name}");
     }
 

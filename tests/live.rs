@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::Lane;
-use cryptopulse::pipeline;
+use cryptopulse::consumer;
 use redis::AsyncCommands;
 
 const SYMBOL: &str = "LIVEUSDT";
@@ -27,7 +27,7 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
     config.exit_at_end = false;
     config.idle_finalize = Some(Duration::from_millis(300));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(pipeline::run(config, async move {
+    let consumer = tokio::spawn(consumer::run(config, async move {
         let _ = stopped.await;
     }));
 

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::prometheus::{free_addr, spawn_consumer, Killed, Prometheus};
 use common::{wait_for, Lane};
-use cryptopulse::metrics as m;
+use cryptopulse::telemetry;
 
 const FIXTURE_TRADES: f64 = 15_863.0;
 const FIXTURE_BARS: f64 = 663.0;
@@ -79,35 +79,36 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     assert_eq!(prometheus.value(r#"up{job="consumer"}"#), 1.0);
     assert_eq!(prometheus.value(r#"up{job="producer"}"#), 1.0, "the producer's /metrics is scraped");
     // Nothing listens where the producer connects: it keeps reconnecting.
-    assert!(prometheus.value(&format!(r#"sum({}{{job="producer"}})"#, m::WS_RECONNECTS)) >= 1.0);
-    assert_eq!(consumer(m::CONSUMER_RECORDS), FIXTURE_TRADES + duplicates + 1.0);
-    assert_eq!(consumer(m::CONSUMER_TRADES_APPLIED), FIXTURE_TRADES);
-    assert_eq!(consumer(m::DUPLICATES), duplicates);
-    assert_eq!(consumer(m::LATE_TRADES), 0.0);
-    assert_eq!(consumer(m::BARS_WRITTEN), FIXTURE_BARS);
-    let letters = prometheus.query(&format!(r#"{}{{job="consumer"}}"#, m::DEAD_LETTERS));
+    assert!(prometheus.value(&format!(r#"sum({}{{job="producer"}})"#, telemetry::WS_RECONNECTS)) >= 1.0);
+    assert_eq!(consumer(telemetry::CONSUMER_RECORDS), FIXTURE_TRADES + duplicates + 1.0);
+    assert_eq!(consumer(telemetry::CONSUMER_TRADES_APPLIED), FIXTURE_TRADES);
+    assert_eq!(consumer(telemetry::DUPLICATES), duplicates);
+    assert_eq!(consumer(telemetry::LATE_TRADES), 0.0);
+    assert_eq!(consumer(telemetry::BARS_WRITTEN), FIXTURE_BARS);
+    let letters = prometheus.query(&format!(r#"{}{{job="consumer"}}"#, telemetry::DEAD_LETTERS));
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!((letters[0].0["reason"].as_str(), letters[0].1), (Some("malformed_json"), 1.0));
 
     // Every partition read to its end.
-    let lag = prometheus.query(&format!(r#"{}{{job="consumer"}}"#, m::CONSUMER_LAG));
+    let lag = prometheus.query(&format!(r#"{}{{job="consumer"}}"#, telemetry::CONSUMER_LAG));
     assert_eq!(lag.len(), 6, "one lag series per partition: {lag:?}");
     assert!(lag.iter().all(|(_, v)| *v == 0.0), "{lag:?}");
 
     // Real histograms: 18 bounds and +Inf, one observation per bar.
-    for name in [m::BAR_LATENCY_SECONDS, m::TRADE_TO_REDIS_SECONDS] {
+    for name in [telemetry::BAR_LATENCY_SECONDS, telemetry::TRADE_TO_REDIS_SECONDS] {
         assert_eq!(consumer(&format!("{name}_count")), FIXTURE_BARS, "{name}");
         let buckets = prometheus.query(&format!(r#"{name}_bucket{{job="consumer"}}"#));
-        assert_eq!(buckets.len(), m::LATENCY_BUCKETS.len() + 1, "{name}");
+        assert_eq!(buckets.len(), telemetry::LATENCY_BUCKETS.len() + 1, "{name}");
     }
-    for name in [m::CHECKPOINT_SECONDS, m::REDIS_WRITE_SECONDS] {
+    for name in [telemetry::CHECKPOINT_SECONDS, telemetry::REDIS_WRITE_SECONDS] {
         assert!(consumer(&format!("{name}_count")) > 0.0, "{name}");
     }
     // The fixtures are from 2024: every bar is older than a minute, so each
     // trade-to-Redis observation is in the +Inf bucket only.
-    let within_a_minute = prometheus.value(&format!(r#"sum({}_bucket{{job="consumer",le="60"}})"#, m::TRADE_TO_REDIS_SECONDS));
+    let within_a_minute = prometheus.value(&format!(r#"sum({}_bucket{{job="consumer",le="60"}})"#, telemetry::TRADE_TO_REDIS_SECONDS));
     assert_eq!(within_a_minute, 0.0);
-    let p99 = prometheus.value(&format!(r#"histogram_quantile(0.99, sum by (le) ({}_bucket{{job="consumer"}}))"#, m::BAR_LATENCY_SECONDS));
+    let p99 = prometheus
+        .value(&format!(r#"histogram_quantile(0.99, sum by (le) ({}_bucket{{job="consumer"}}))"#, telemetry::BAR_LATENCY_SECONDS));
     assert!(p99 > 0.0 && p99.is_finite(), "bar latency p99 {p99}");
 }
 

@@ -380,19 +380,19 @@ async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_reports_trades_reconnects_and_filled_gaps_as_metrics() {
-    use cryptopulse::metrics as m;
+    use cryptopulse::telemetry;
     let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
     let lane = Lane::new("producer-metrics");
     let addr = free_addr();
     let child = producer_command(&fake, &lane).args(["--metrics-addr", &addr.to_string()]).spawn().expect("producer binary");
     let _child = Killed(child);
     let total = fake.total() as f64;
-    wait_for(|| async move { scrape(addr).await.get(m::PRODUCER_TRADES) == Some(&total) }).await;
+    wait_for(|| async move { scrape(addr).await.get(telemetry::PRODUCER_TRADES) == Some(&total) }).await;
     let metrics = scrape(addr).await;
-    assert_eq!(metrics[m::WS_RECONNECTS], 1.0, "{metrics:?}");
-    assert!(metrics[m::GAPS_FOUND] >= 1.0, "{metrics:?}");
-    assert!(metrics[m::GAP_TRADES_FILLED] >= 1.0, "{metrics:?}");
-    assert_eq!((metrics[m::GAP_TRADES_UNFILLED], metrics[m::PRODUCER_DEAD_LETTERS]), (0.0, 0.0), "{metrics:?}");
+    assert_eq!(metrics[telemetry::WS_RECONNECTS], 1.0, "{metrics:?}");
+    assert!(metrics[telemetry::GAPS_FOUND] >= 1.0, "{metrics:?}");
+    assert!(metrics[telemetry::GAP_TRADES_FILLED] >= 1.0, "{metrics:?}");
+    assert_eq!((metrics[telemetry::GAP_TRADES_UNFILLED], metrics[telemetry::PRODUCER_DEAD_LETTERS]), (0.0, 0.0), "{metrics:?}");
     assert_once_in_order(&fake, &lane);
 }
 

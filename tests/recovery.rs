@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{wait_for, Lane};
 use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
-use cryptopulse::pipeline;
+use cryptopulse::consumer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_the_broker_cannot_serve_is_a_clear_error() {
@@ -21,7 +21,7 @@ async fn a_checkpoint_the_broker_cannot_serve_is_a_clear_error() {
         let store = CheckpointStore::open(state.path(), &lane.kafka.topic).unwrap();
         store.save([(2, &PartitionCheckpoint { next_offset: 1_000_000, ..Default::default() })]).unwrap();
     }
-    let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
+    let err = consumer::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("checkpointed offset 1000000") && err.contains("is not on the broker"), "{err}");
     // Nothing was written.
     assert_eq!(lane.digest().await.keys, 0);
@@ -35,7 +35,7 @@ async fn a_second_consumer_on_the_same_state_dir_is_refused() {
     let first = lane.spawn_consumer(state.path());
     // Wait until the first consumer holds the store (it has written bars).
     wait_for(|| async { lane.digest().await.keys > 0 }).await;
-    let err = pipeline::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
+    let err = consumer::run(lane.consumer_config(state.path()), std::future::pending()).await.unwrap_err().to_string();
     assert!(err.contains("in use by another consumer"), "{err}");
     // The first one was not disturbed: it stops cleanly, and its state
     // carries a later run to the end of the topic.

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use cryptopulse::archive;
-use cryptopulse::digest::{self, Digest};
 use cryptopulse::sink::{self, granule_ms, RedisSink};
+use cryptopulse::tooling::digest::{self, Digest};
 use cryptopulse::window::{FinalBar, PartitionState, WindowConfig};
 use redis::AsyncCommands;
 

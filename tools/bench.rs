@@ -10,8 +10,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::bench::{self, BenchConfig, Bins, LatencyConfig};
-use cryptopulse::cli::{self, KafkaArgs, DEFAULT_REDIS_URL};
+use cryptopulse::cli;
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::sink::DEFAULT_REDIS_URL;
+use cryptopulse::tooling::bench::{self, BenchConfig, Bins, LatencyConfig};
 
 /// Measures the consumer and the replay producer against their ceilings.
 ///

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs, RedisArgs};
-use cryptopulse::crashtest::{self, Cadence, CrashConfig};
+use cryptopulse::cli;
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::sink::RedisArgs;
+use cryptopulse::tooling::crashtest::{self, Cadence, CrashConfig};
 
 const DEFAULT_INPUT: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
 

@@ -3,8 +3,10 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, RedisTarget};
-use cryptopulse::{digest, sink};
+use cryptopulse::cli;
+use cryptopulse::sink;
+use cryptopulse::sink::RedisTarget;
+use cryptopulse::tooling::digest;
 
 /// Prints the canonical digest of what the pipeline wrote under a prefix.
 #[derive(Parser, Debug)]

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use cryptopulse::cli::{KafkaArgs, RedisTarget};
-use cryptopulse::doctor::{self, DoctorConfig, Grafana};
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::sink::RedisTarget;
+use cryptopulse::tooling::doctor::{self, DoctorConfig, Grafana};
 
 /// Checks the services CryptoPulse needs and says what to do about each failure.
 #[derive(Parser, Debug)]

@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, RedisTarget};
+use cryptopulse::cli;
+use cryptopulse::sink::RedisTarget;
 use cryptopulse::sink::{self, Keys};
 use redis::AsyncCommands;
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
 use cryptopulse::archive::ArchiveSummary;
-use cryptopulse::cli::{self, KafkaArgs, StreamArgs};
+use cryptopulse::cli;
 use cryptopulse::kafka::stop_flag;
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::producer::StreamArgs;
 use cryptopulse::record::{self, live};
 
 /// Records Binance trades into Parquet archives.

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs};
+use cryptopulse::cli;
+use cryptopulse::kafka::KafkaArgs;
 use cryptopulse::replay::{self, parse_time, ReplayOptions, Speed};
 
 /// Publishes recorded trades to Kafka as Binance trade events keyed by symbol.

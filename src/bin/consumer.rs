@@ -6,8 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs, MetricsArgs, RedisArgs, WindowArgs, DEFAULT_STATE_DIR};
-use cryptopulse::pipeline::{self, ConsumerConfig};
+use cryptopulse::cli;
+use cryptopulse::consumer::DEFAULT_STATE_DIR;
+use cryptopulse::consumer::{self, ConsumerConfig};
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::sink::RedisArgs;
+use cryptopulse::telemetry::MetricsArgs;
+use cryptopulse::window::WindowArgs;
 
 /// Reads trades from Kafka and writes 1 s bars, VWAP and RSI to Redis, exactly once.
 #[derive(Parser, Debug)]
@@ -53,7 +58,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
-    cryptopulse::metrics::install(args.metrics.metrics_addr)?;
+    cryptopulse::telemetry::install(args.metrics.metrics_addr)?;
     let config = ConsumerConfig {
         kafka: args.kafka,
         redis: args.redis,
@@ -67,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         linger: Duration::from_millis(args.linger_ms),
         idle_finalize: args.idle_finalize_ms.map(Duration::from_millis),
     };
-    let summary = pipeline::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
+    let summary = consumer::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;
     println!(
         "this run: {} records in {:.2}s, {} dead letters, {} checkpoints | totals of the state dir: applied {} duplicates {} late {} rejected {} bars {}",

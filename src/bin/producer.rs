@@ -2,8 +2,11 @@
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli::{self, KafkaArgs, MetricsArgs, StreamArgs};
+use cryptopulse::cli;
+use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::producer::StreamArgs;
 use cryptopulse::producer::{self, ProducerConfig, DEFAULT_GAPS_TOPIC};
+use cryptopulse::telemetry::MetricsArgs;
 
 /// Subscribes to Binance `<symbol>@trade` streams and publishes every trade
 /// to Kafka, keyed by symbol, each symbol in id order without holes.
@@ -29,7 +32,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     cli::init_tracing();
     let args = Cli::parse();
-    cryptopulse::metrics::install(args.metrics.metrics_addr)?;
+    cryptopulse::telemetry::install(args.metrics.metrics_addr)?;
     let mut config = ProducerConfig::new(args.kafka, args.stream.config());
     config.gaps_topic = args.gaps_topic;
     config.tail_scan_records = args.tail_scan_records;

@@ -13,78 +13,16 @@
 //! Unknown keys are ignored: Binance removed `b`/`a` in 2024 and adds new ones.
 
 use std::borrow::Cow;
-use std::fmt;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::decimal;
+use crate::rejection::{Reject, Rejection};
 use crate::trade::Trade;
 
+pub mod rest;
 mod scan;
-
-/// Why a record is not a usable trade; the `reason` header of a dead-letter
-/// record carries [`Reject::as_str`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reject {
-    /// Not JSON, or JSON cut short.
-    MalformedJson,
-    /// A required key is absent.
-    MissingField,
-    /// A key holds the wrong JSON type (a number where a string belongs).
-    WrongType,
-    /// `e` is not `trade`.
-    WrongEventType,
-    /// `s` is not an upper-case symbol.
-    BadSymbol,
-    /// `t` is negative.
-    BadId,
-    /// `T` is not a positive time.
-    BadTime,
-    /// `p` is not a positive finite decimal.
-    BadPrice,
-    /// `q` is not a positive finite decimal.
-    BadQty,
-    /// The trade is for a bar that is already final (SPEC §5).
-    Late,
-}
-
-impl Reject {
-    /// The stable name used in dead-letter headers and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reject::MalformedJson => "malformed_json",
-            Reject::MissingField => "missing_field",
-            Reject::WrongType => "wrong_type",
-            Reject::WrongEventType => "wrong_event_type",
-            Reject::BadSymbol => "bad_symbol",
-            Reject::BadId => "bad_id",
-            Reject::BadTime => "bad_time",
-            Reject::BadPrice => "bad_price",
-            Reject::BadQty => "bad_qty",
-            Reject::Late => "late",
-        }
-    }
-}
-
-impl fmt::Display for Reject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A rejected payload's reason and a human-readable detail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub reason: Reject,
-    pub detail: String,
-}
-
-impl Rejection {
-    fn new(reason: Reject, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
-    }
-}
 
 /// The event as it is on the wire; strings borrow from the payload.
 #[derive(Debug, PartialEq, Deserialize)]
@@ -225,6 +163,16 @@ pub fn unwrap_frame(text: &str) -> Result<Frame<'_>, Rejection> {
         Some("trade") => Ok(Frame::Trade(text.as_bytes())),
         _ => Ok(Frame::Other(text)),
     }
+}
+
+/// Whether a text frame is Binance's `serverShutdown` notice (bare, wrapped
+/// in a stream frame, or as an `event`): the server goes away soon.
+pub fn is_server_shutdown(text: &str) -> bool {
+    if !text.contains("serverShutdown") {
+        return false;
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else { return false };
+    [&value, &value["data"], &value["event"]].iter().any(|v| v["e"] == "serverShutdown")
 }
 
 /// Splits a recorded line `<receive time ns> <frame>` into its frame; a line

@@ -284,7 +284,7 @@ mod tests {
         bytes[8] = 0xff;
         assert!(scan(&bytes).is_none());
         assert_eq!(decode(&bytes), decode_general(&bytes));
-        assert_eq!(decode(&bytes).unwrap_err().reason, super::super::Reject::MalformedJson);
+        assert_eq!(decode(&bytes).unwrap_err().reason, crate::rejection::Reject::MalformedJson);
     }
 
     #[test]

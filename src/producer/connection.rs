@@ -287,7 +287,7 @@ fn read(message: Option<std::result::Result<Message, tokio_tungstenite::tungsten
 }
 
 fn classify(text: String) -> Result<Read> {
-    if text.contains("serverShutdown") && is_shutdown_notice(&text) {
+    if binance::is_server_shutdown(&text) {
         return Ok(Read::ShutdownNotice);
     }
     // `Some(is_trade)` to forward (what is not a trade the sequencer will
@@ -316,10 +316,4 @@ fn trade_key(text: &str) -> Option<(String, i64)> {
         Frame::Trade(bytes) => binance::decode(bytes).ok().map(|t| (t.symbol.into_owned(), t.id)),
         _ => None,
     }
-}
-
-/// `serverShutdown`, bare, wrapped in a stream frame, or as an `event`.
-fn is_shutdown_notice(text: &str) -> bool {
-    let Ok(value) = serde_json::from_str::<serde_json::Value>(text) else { return false };
-    [&value, &value["data"], &value["event"]].iter().any(|v| v["e"] == "serverShutdown")
 }

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Args;
 use futures::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -31,11 +32,58 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::info;
 
-use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
-use crate::metrics as m;
+use crate::kafka::KafkaArgs;
+use crate::telemetry;
+use rest::RestLimits;
 pub use rest::DEFAULT_REST_URL;
 pub use sequencer::{Sink, StreamConfig, StreamCounts, MAX_STREAMS_PER_CONNECTION};
+
+/// The live Binance source: what `producer` and `record --ws` follow.
+#[derive(Args, Debug, Clone)]
+pub struct StreamArgs {
+    /// Symbols to follow, comma-separated.
+    #[arg(long, env = "CRYPTOPULSE_SYMBOLS", value_delimiter = ',', default_value = "BTCUSDT,ETHUSDT")]
+    pub symbols: Vec<String>,
+    /// WebSocket base URL (Binance, `wss://data-stream.binance.vision`, the testnet or a local server).
+    #[arg(long, env = "CRYPTOPULSE_WS_URL", default_value = DEFAULT_WS_URL)]
+    pub ws_url: String,
+    /// REST base URL for filling gaps (`/api/v3/historicalTrades`).
+    #[arg(long, env = "CRYPTOPULSE_REST_URL", default_value = DEFAULT_REST_URL)]
+    pub rest_url: String,
+    /// Streams per WebSocket connection (Binance allows 1024).
+    #[arg(long, env = "CRYPTOPULSE_STREAMS_PER_CONNECTION", default_value_t = MAX_STREAMS_PER_CONNECTION)]
+    pub streams_per_connection: usize,
+    /// Reconnect after this long without data or ping.
+    #[arg(long, env = "CRYPTOPULSE_SILENCE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub silence_timeout: Duration,
+    /// Replace each connection after this long, before Binance's 24-hour cut.
+    #[arg(long, env = "CRYPTOPULSE_CONNECTION_LIFETIME", default_value = "23h", value_parser = humantime::parse_duration)]
+    pub connection_lifetime: Duration,
+    /// Largest WebSocket frame accepted, in bytes.
+    #[arg(long, env = "CRYPTOPULSE_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+    /// REST request weight to spend per minute at most (Binance allows 6000).
+    #[arg(long, env = "CRYPTOPULSE_REST_WEIGHT_PER_MINUTE", default_value_t = 5000)]
+    pub rest_weight_per_minute: u32,
+    /// Most trades fetched over REST for one gap.
+    #[arg(long, env = "CRYPTOPULSE_MAX_GAP_FILL", default_value_t = 1_000_000)]
+    pub max_gap_fill: i64,
+}
+
+impl StreamArgs {
+    pub fn config(&self) -> StreamConfig {
+        let symbols = self.symbols.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect();
+        let mut config = StreamConfig::new(symbols, &self.ws_url, &self.rest_url);
+        config.streams_per_connection = self.streams_per_connection;
+        config.silence_timeout = self.silence_timeout;
+        config.connection_lifetime = self.connection_lifetime;
+        config.max_frame_bytes = self.max_frame_bytes;
+        config.rest_limits = RestLimits { weight_per_minute: self.rest_weight_per_minute, ..RestLimits::default() };
+        config.max_gap_fill = self.max_gap_fill;
+        config
+    }
+}
 
 /// Binance's public spot stream endpoint.
 pub const DEFAULT_WS_URL: &str = "wss://stream.binance.com:9443";
@@ -86,12 +134,16 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     config.kafka.ensure(&[(&config.gaps_topic, 1)]).await?;
     let producer: FutureProducer = config.kafka.producer_config()?.create().map_err(|e| Error::kafka("producer", e))?;
     let (kafka, symbols, scan) = (config.kafka.clone(), config.stream.symbols.clone(), config.tail_scan_records);
-    let last = tokio::task::spawn_blocking(move || tail::last_ids(&kafka, &symbols, scan))
-        .await
-        .map_err(|e| Error::Config(format!("tail reader: {e}")))??;
-    for name in
-        [m::PRODUCER_TRADES, m::PRODUCER_DEAD_LETTERS, m::WS_RECONNECTS, m::GAPS_FOUND, m::GAP_TRADES_FILLED, m::GAP_TRADES_UNFILLED]
-    {
+    let last =
+        tokio::task::spawn_blocking(move || tail::last_ids(&kafka, &symbols, scan)).await.map_err(|e| Error::join("tail reader", e))??;
+    for name in [
+        telemetry::PRODUCER_TRADES,
+        telemetry::PRODUCER_DEAD_LETTERS,
+        telemetry::WS_RECONNECTS,
+        telemetry::GAPS_FOUND,
+        telemetry::GAP_TRADES_FILLED,
+        telemetry::GAP_TRADES_UNFILLED,
+    ] {
         metrics::counter!(name).increment(0);
     }
     let mut publisher = Publisher {
@@ -159,7 +211,7 @@ impl Sink for Publisher {
     /// On a quiet stream, the last deliveries are counted within a second.
     async fn idle(&mut self) -> Result<()> {
         self.settle_ready()?;
-        metrics::gauge!(m::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
+        metrics::gauge!(telemetry::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
         Ok(())
     }
 }
@@ -192,7 +244,7 @@ impl Publisher {
                         self.settle_oldest().await?;
                     }
                     self.settle_ready()?;
-                    metrics::gauge!(m::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
+                    metrics::gauge!(telemetry::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -228,20 +280,20 @@ impl Publisher {
             Ok(Ok(_)) => match sent {
                 Sent::Trade { from_rest } => {
                     self.summary.published += 1;
-                    metrics::counter!(m::PRODUCER_TRADES).increment(1);
+                    metrics::counter!(telemetry::PRODUCER_TRADES).increment(1);
                     if from_rest {
                         self.summary.from_rest += 1;
-                        metrics::counter!(m::GAP_TRADES_FILLED).increment(1);
+                        metrics::counter!(telemetry::GAP_TRADES_FILLED).increment(1);
                     }
                 }
                 Sent::DeadLetter => {
                     self.summary.dead_letters += 1;
-                    metrics::counter!(m::PRODUCER_DEAD_LETTERS).increment(1);
+                    metrics::counter!(telemetry::PRODUCER_DEAD_LETTERS).increment(1);
                 }
                 Sent::Gap => {}
             },
             Ok(Err((e, _))) => return Err(Error::kafka("publish", e)),
-            Err(_) => return Err(Error::Config("producer shut down before delivery".into())),
+            Err(_) => return Err(Error::task_failed("producer", "shut down before delivery")),
         }
         Ok(())
     }

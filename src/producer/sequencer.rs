@@ -16,7 +16,7 @@ use super::connection::{self, Event, SlotConfig};
 use super::rest::{self, Rest, RestLimits};
 use crate::binance::{self, Frame};
 use crate::error::Result;
-use crate::metrics as m;
+use crate::telemetry;
 
 /// Binance serves at most this many streams on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 1024;
@@ -164,7 +164,7 @@ impl<S: Sink> Sequencer<'_, S> {
                 Some(Event::Frame(text)) => self.on_frame(&text).await?,
                 Some(Event::Lost { .. }) => {
                     self.counts.reconnects += 1;
-                    metrics::counter!(m::WS_RECONNECTS).increment(1);
+                    metrics::counter!(telemetry::WS_RECONNECTS).increment(1);
                 }
                 Some(Event::Rotated { .. }) => self.counts.rotations += 1,
                 None => return Ok(()),
@@ -192,7 +192,7 @@ impl<S: Sink> Sequencer<'_, S> {
             }
             Some(&last) if id > last + 1 => {
                 self.counts.gaps_found += 1;
-                metrics::counter!(m::GAPS_FOUND).increment(1);
+                metrics::counter!(telemetry::GAPS_FOUND).increment(1);
                 warn!(%symbol, from = last + 1, to = id - 1, "trade ids skipped; filling from REST");
                 self.fill(&symbol, last + 1, Some(id)).await?;
             }
@@ -256,7 +256,7 @@ impl<S: Sink> Sequencer<'_, S> {
     async fn gap(&mut self, symbol: &str, from: i64, to: i64, why: &str) -> Result<()> {
         error!(%symbol, from, to, why, "trades cannot be had; recorded as a gap");
         self.counts.unfilled += (to - from + 1) as u64;
-        metrics::counter!(m::GAP_TRADES_UNFILLED).increment((to - from + 1) as u64);
+        metrics::counter!(telemetry::GAP_TRADES_UNFILLED).increment((to - from + 1) as u64);
         self.sink.gap(symbol, from, to, why).await
     }
 }

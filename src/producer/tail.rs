@@ -12,8 +12,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{debug, info};
 
 use crate::binance;
-use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
+use crate::kafka::KafkaArgs;
 use crate::kafka::{partitions_of, REQUEST_TIMEOUT};
 
 /// The partition Kafka's default partitioner (Java's, librdkafka's
@@ -98,7 +98,7 @@ fn read_range(consumer: &BaseConsumer, topic: &str, partition: i32, start: i64, 
     let mut next = start;
     while next < end {
         if Instant::now() > deadline {
-            return Err(Error::Config(format!("reading {topic}/{partition} offsets {next}..{end} took longer than {REQUEST_TIMEOUT:?}")));
+            return Err(Error::Timeout { what: format!("reading {topic}/{partition} offsets {next}..{end}"), after: REQUEST_TIMEOUT });
         }
         let Some(polled) = consumer.poll(Duration::from_millis(500)) else { continue };
         let message = match polled {

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::archive::{ArchiveSummary, ArchiveWriter};
-use crate::binance::{self, Frame, Rejection};
+use crate::binance::{self, Frame};
 use crate::error::{Error, Result};
+use crate::rejection::Rejection;
 use crate::trade::TradeBatchBuilder;
 
 /// Rows per Arrow batch while recording.

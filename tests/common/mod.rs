@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use cryptopulse::cli::{KafkaArgs, RedisArgs, RedisTarget};
-use cryptopulse::digest::{self, Digest};
-use cryptopulse::pipeline::{self, ConsumerConfig, Summary};
+use cryptopulse::consumer::{self, ConsumerConfig, Summary};
+use cryptopulse::kafka::KafkaArgs;
 use cryptopulse::replay::{self, ReplayOptions, ReplaySummary, Speed};
 use cryptopulse::sink;
+use cryptopulse::sink::{RedisArgs, RedisTarget};
+use cryptopulse::tooling::digest::{self, Digest};
 use cryptopulse::window::WindowConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -49,7 +50,7 @@ impl Lane {
                 topic: format!("{name}.raw"),
                 dlq_topic: format!("{name}.dlq"),
                 partitions: 6,
-                topic_retention_bytes: cryptopulse::cli::DEFAULT_TOPIC_RETENTION_BYTES,
+                topic_retention_bytes: cryptopulse::kafka::DEFAULT_TOPIC_RETENTION_BYTES,
                 properties: Vec::new(),
                 kafka_config_file: None,
             },
@@ -103,7 +104,7 @@ impl Lane {
 
     /// Runs the consumer to the end of the topic.
     pub async fn consume(&self, state_dir: &std::path::Path) -> Summary {
-        pipeline::run(self.consumer_config(state_dir), std::future::pending()).await.expect("consumer")
+        consumer::run(self.consumer_config(state_dir), std::future::pending()).await.expect("consumer")
     }
 
     /// The digest of an undisturbed replay and run of the fixtures on a lane
@@ -120,7 +121,7 @@ impl Lane {
         let mut config = self.consumer_config(state_dir);
         config.exit_at_end = false;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(pipeline::run(config, async move {
+        let handle = tokio::spawn(consumer::run(config, async move {
             let _ = stopped.await;
         }));
         RunningConsumer { stop, handle }

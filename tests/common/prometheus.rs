@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cryptopulse::doctor;
+use cryptopulse::tooling::doctor;
 use serde_json::Value;
 
 /// A port nothing listens on (bound, then released).

@@ -6,8 +6,8 @@
 //! unread data and every restart can be timed to the end of its slice. Round
 //! 0 runs uninterrupted and measures startup and processing time; each later
 //! round crashes the consumer once (SIGKILL during startup or while it reads,
-//! timed from its log line [`STARTED_LOG`], or a named point armed through
-//! [`faults::CRASH_AT_ENV`]) and restarts it to the end. A reference consumer
+//! timed from the consumer's [`ASSIGNED_LOG`], or a [`CrashPoint`] armed
+//! through [`CRASH_AT_ENV`]) and restarts it to the end. A reference consumer
 //! then reads the whole topic in one go, and the canonical dumps of both key
 //! prefixes are compared.
 
@@ -27,16 +27,17 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::cli::{KafkaArgs, RedisArgs};
+use super::digest;
+use crate::consumer::ASSIGNED_LOG;
+use crate::crash_point::{CrashPoint, ABORT_MESSAGE, CRASH_AT_ENV};
 use crate::error::{Error, Result};
+use crate::kafka::KafkaArgs;
 use crate::kafka::REQUEST_TIMEOUT;
 use crate::replay::{ReplayOptions, Speed};
+use crate::sink::RedisArgs;
 use crate::trade::TradeColumns;
-use crate::{archive, digest, faults, replay, sink};
+use crate::{archive, replay, sink};
 
-/// What the consumer logs once startup (RocksDB, metadata, watermarks) is
-/// over and reading begins (`pipeline::assign`); children run at INFO.
-pub const STARTED_LOG: &str = "assigned at checkpointed offsets";
 /// Longest a single consumer run may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Attempts per round to land a kill before the consumer finishes first.
@@ -79,7 +80,7 @@ pub struct CrashConfig {
     pub work_dir: PathBuf,
     pub kills: u32,
     pub seed: u64,
-    /// Also crash once at every point of [`faults::POINTS`].
+    /// Also crash once at every point of [`CrashPoint::ALL`].
     pub named_points: bool,
     pub cadence: Cadence,
 }
@@ -89,11 +90,11 @@ pub struct CrashConfig {
 pub struct CrashReport {
     pub seed: u64,
     pub kills_done: u32,
-    /// Kills before the consumer logged [`STARTED_LOG`]; the rest hit reading.
+    /// Kills before the consumer logged [`ASSIGNED_LOG`]; the rest hit reading.
     pub kills_in_startup: u32,
     /// Runs that reached their end before the planned kill.
     pub kills_missed: u32,
-    pub crash_points_hit: Vec<String>,
+    pub crash_points_hit: Vec<CrashPoint>,
     pub crash_points_armed: usize,
     /// The canonical dumps are byte for byte the same.
     pub identical: bool,
@@ -139,7 +140,7 @@ impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (verdict, ms) = (if self.passed() { "PASSED" } else { "FAILED" }, |d: Duration| d.as_millis());
         let (kills, startup, missed) = (self.kills_done, self.kills_in_startup, self.kills_missed);
-        let (hit, armed, points) = (self.crash_points_hit.len(), self.crash_points_armed, self.crash_points_hit.join(", "));
+        let (hit, armed, points) = (self.crash_points_hit.len(), self.crash_points_armed, names(&self.crash_points_hit));
         writeln!(f, "crash test {verdict}, seed {}, {:.1} s", self.seed, self.elapsed.as_secs_f64())?;
         write!(f, "  crashes: {kills} SIGKILLs ({startup} in startup, {} while reading; {missed} runs ended first)", kills - startup)?;
         writeln!(f, ", named crash points hit {hit}/{armed} [{points}]")?;
@@ -173,7 +174,7 @@ enum Kill {
 struct Exit {
     status: ExitStatus,
     killed: bool,
-    /// From spawn to [`STARTED_LOG`], if it came.
+    /// From spawn to [`ASSIGNED_LOG`], if it came.
     startup: Option<Duration>,
     took: Duration,
     log: String,
@@ -200,9 +201,9 @@ pub async fn run(config: CrashConfig) -> Result<CrashReport> {
     let reference = lane("reference", config.kafka.dlq_topic.clone());
     let crashed = lane("crash", format!("{}-crash", config.kafka.dlq_topic));
     prepare(&config, &[&reference, &crashed]).await?;
-    let mut schedule: Vec<Option<&'static str>> = vec![None; config.kills as usize];
+    let mut schedule: Vec<Option<CrashPoint>> = vec![None; config.kills as usize];
     if config.named_points {
-        schedule.extend(faults::POINTS.iter().map(|p| Some(*p)));
+        schedule.extend(CrashPoint::ALL.map(Some));
     }
     let (mut rng, report) =
         (SplitMix64(config.seed), CrashReport { seed: config.seed, prefix: config.redis.target.prefix.clone(), ..Default::default() });
@@ -214,14 +215,14 @@ pub async fn run(config: CrashConfig) -> Result<CrashReport> {
     for (round, crash) in schedule.iter().enumerate() {
         let records = replay_slice(&config, &bounds, round + 1).await?;
         match crash {
-            Some(point) => h.point_round(point, records).await?,
+            Some(point) => h.point_round(*point, records).await?,
             None => h.kill_round(records).await?,
         }
         recoveries.push(run_to_end(&config, &h.lane).await?);
     }
     run_to_end(&config, &h.lane).await?;
     let mut report = h.report;
-    report.crash_points_hit.sort_by_key(|hit| faults::POINTS.iter().position(|p| p == hit));
+    report.crash_points_hit.sort();
     report.crash_points_armed = schedule.iter().flatten().count();
     report.reference_run = run_to_end(&config, &reference).await?;
     recoveries.sort();
@@ -237,7 +238,7 @@ impl Harness<'_> {
     async fn calibrate(&mut self, records: u64) -> Result<()> {
         let exit = supervise(command(self.config, &self.lane, None), None).await?;
         check_ok(&exit)?;
-        self.startup = exit.startup.ok_or_else(|| Error::Config(format!("the consumer never logged {STARTED_LOG:?}")))?;
+        self.startup = exit.startup.ok_or_else(|| Error::task_failed("consumer", format!("it never logged {ASSIGNED_LOG:?}")))?;
         self.per_record = exit.took.saturating_sub(self.startup) / u32::try_from(records.max(1)).unwrap_or(u32::MAX);
         Ok(())
     }
@@ -262,23 +263,16 @@ impl Harness<'_> {
             self.report.kills_missed += 1;
             kill = startup(&mut self.rng);
         }
-        Err(Error::Config(format!("no kill landed in {KILL_ATTEMPTS} attempts: the consumer keeps finishing first")))
+        Err(Error::task_failed("crash test", format!("no kill landed in {KILL_ATTEMPTS} attempts: the consumer keeps finishing first")))
     }
 
-    /// Arms `point` at a seeded pass in the first half of those the slice
-    /// makes (slices are uneven: one order can fill hundreds of trades in the
-    /// same millisecond); the consumer must then die of SIGABRT.
-    async fn point_round(&mut self, point: &str, records: u64) -> Result<()> {
-        let cadence = &self.config.cadence;
-        let passes = match point {
-            // Every `checkpoint_records` records, and once more at the end.
-            "inside_checkpoint" => records / cadence.checkpoint_records.max(1) + 1,
-            _ => records.div_ceil(cadence.batch_rows.max(1) as u64),
-        };
-        let armed = format!("{point}:{}", 1 + self.rng.below((passes / 2).max(1)));
+    /// Arms `point` at a seeded record in the first half of the slice; the
+    /// consumer passes the point at or after it, and must then die of SIGABRT.
+    async fn point_round(&mut self, point: CrashPoint, records: u64) -> Result<()> {
+        let armed = point.arm_at(1 + self.rng.below((records / 2).max(1)));
         let exit = supervise(command(self.config, &self.lane, Some(&armed)), None).await?;
-        if signal_of(&exit.status) == Some(SIGABRT) && exit.log.contains(&format!("crash point {point} reached")) {
-            self.report.crash_points_hit.push(point.to_owned());
+        if signal_of(&exit.status) == Some(SIGABRT) && exit.log.contains(ABORT_MESSAGE) {
+            self.report.crash_points_hit.push(point);
             return Ok(());
         }
         check_ok(&exit)?;
@@ -376,7 +370,7 @@ fn check_ok(exit: &Exit) -> Result<()> {
         return Ok(());
     }
     let tail: Vec<&str> = exit.log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-    Err(Error::Config(format!("consumer failed ({}): {}", exit.status, tail.join(" | "))))
+    Err(Error::task_failed("consumer", format!("{}: {}", exit.status, tail.join(" | "))))
 }
 
 /// The consumer command line for `lane`. Secrets (Redis URL, Kafka
@@ -402,7 +396,7 @@ fn command(config: &CrashConfig, lane: &Lane, crash_at: Option<&str>) -> Command
         cmd.env("CRYPTOPULSE_KAFKA_PROPERTIES", properties.join(";"));
     }
     if let Some(crash_at) = crash_at {
-        cmd.env(faults::CRASH_AT_ENV, crash_at);
+        cmd.env(CRASH_AT_ENV, crash_at);
     }
     cmd.env("CRYPTOPULSE_REDIS_URL", &redis.target.url).env("RUST_LOG", "info");
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -415,12 +409,12 @@ async fn supervise(mut cmd: Command, kill: Option<Kill>) -> Result<Exit> {
     tokio::task::spawn_blocking(move || {
         let spawned = Instant::now();
         let mut child = cmd.spawn().map_err(|e| Error::io(cmd.get_program(), e))?;
-        let stderr = child.stderr.take().ok_or_else(|| Error::Config("consumer stderr not piped".into()))?;
+        let stderr = child.stderr.take().ok_or_else(|| Error::Invariant("consumer stderr not piped".into()))?;
         let (started_tx, started_rx) = mpsc::channel();
         let reader = std::thread::spawn(move || {
             let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
-                if line.contains(STARTED_LOG) {
+                if line.contains(ASSIGNED_LOG) {
                     let _ = started_tx.send(spawned.elapsed());
                 }
                 log.extend([line.as_str(), "\n"]);
@@ -443,7 +437,7 @@ async fn supervise(mut cmd: Command, kill: Option<Kill>) -> Result<Exit> {
                 child.kill().map_err(|e| Error::io("kill consumer", e))?;
                 let status = child.wait().map_err(|e| Error::io("consumer", e))?;
                 if overdue {
-                    return Err(Error::Config(format!("consumer still running after {RUN_TIMEOUT:?}")));
+                    return Err(Error::Timeout { what: "a consumer run".into(), after: RUN_TIMEOUT });
                 }
                 // One that exited just before the signal keeps its own status.
                 break (status, signal_of(&status) == Some(SIGKILL));
@@ -456,7 +450,7 @@ async fn supervise(mut cmd: Command, kill: Option<Kill>) -> Result<Exit> {
         Ok(Exit { status, killed, startup: startup.or_else(|| started_rx.try_recv().ok()), took, log })
     })
     .await
-    .map_err(|e| Error::Config(format!("crash test thread: {e}")))?
+    .map_err(|e| Error::join("crash test thread", e))?
 }
 
 #[cfg(unix)]
@@ -483,6 +477,11 @@ async fn compare(config: &CrashConfig, reference: &Lane, crashed: &Lane, report:
     (report.dead_letters, (report.dead_letters_missing, report.dead_letters_extra)) = (want.len(), differences(&want, &got));
     report.dead_letters_resent = records.saturating_sub(got.len());
     Ok(())
+}
+
+/// The points' names, comma-separated.
+fn names(points: &[CrashPoint]) -> String {
+    points.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// Items in `want` but not `got`, and in `got` but not `want`.

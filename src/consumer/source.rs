@@ -1,6 +1,7 @@
-//! Kafka plumbing: client configuration from the shared flags, topic
-//! creation, the dead-letter producer, and the consumer's source thread that
-//! polls records and decodes them into one Arrow batch per partition.
+//! The consumer's source: its librdkafka client and settings, the
+//! partitions it is assigned at their checkpointed offsets, and the thread
+//! that fetches their records and decodes them into one Arrow batch per
+//! partition (or into dead letters).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,97 +9,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{BinaryArray, BinaryBuilder, RecordBatch};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::binance::{self, Reject};
-use crate::cli::{read_properties, KafkaArgs};
+use super::ConsumerConfig;
+use crate::binance;
+use crate::checkpoint::PartitionCheckpoint;
+use crate::crash_point::CrashPoint;
 use crate::error::{Error, Result};
-use crate::fetch::{FetchQueue, Record};
+use crate::kafka::fetch::{FetchQueue, Record};
+use crate::kafka::{self, DeadLetter, KafkaArgs, REQUEST_TIMEOUT};
+use crate::telemetry;
 use crate::trade::TradeBatchBuilder;
 
-/// How long metadata and admin requests may take.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the consumer logs once startup (checkpoint store, metadata,
+/// watermarks) is over and reading begins: the crash harness times its
+/// kills from this line.
+pub const ASSIGNED_LOG: &str = "assigned at checkpointed offsets";
 
-impl KafkaArgs {
-    /// librdkafka settings: brokers, then the properties file, then `-X`.
-    pub fn client_config(&self) -> Result<ClientConfig> {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
-        if let Some(path) = &self.kafka_config_file {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            for (key, value) in read_properties(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))? {
-                config.set(key, value);
-            }
-        }
-        for (key, value) in &self.properties {
-            config.set(key, value);
-        }
-        Ok(config)
-    }
-
-    /// Settings of an idempotent producer that keeps each partition in order.
-    /// murmur2 is the Java client's partitioner: any client keyed by symbol
-    /// sends a symbol to the same partition.
-    pub fn producer_config(&self) -> Result<ClientConfig> {
-        self.config_with(&[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("compression.type", "lz4"),
-            ("linger.ms", "5"),
-            ("batch.size", "1000000"),
-            ("partitioner", "murmur2_random"),
-        ])
-    }
-
-    /// `defaults`, overridden by the user's settings.
-    pub fn config_with(&self, defaults: &[(&str, &str)]) -> Result<ClientConfig> {
-        let mut config = ClientConfig::new();
-        for (key, value) in defaults {
-            config.set(*key, *value);
-        }
-        for (key, value) in self.client_config()?.config_map() {
-            config.set(key, value);
-        }
-        Ok(config)
-    }
-
-    /// Creates the raw topic (`--partitions`) and the dead-letter topic (one
-    /// partition) unless they exist, with the broker's replication factor.
-    pub async fn ensure_topics(&self) -> Result<()> {
-        self.ensure(&[(&self.topic, self.partitions), (&self.dlq_topic, 1)]).await
-    }
-
-    /// Creates `topics` (name, partitions) unless they exist, with the same
-    /// settings as the raw topic.
-    pub async fn ensure(&self, topics: &[(&str, i32)]) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
-        let bytes = self.topic_retention_bytes.to_string();
-        let topics: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|&(name, partitions)| {
-                NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
-            })
-            .collect();
-        let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
-        let results = admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(Error::kafka(format!("create topic {topic}"), KafkaError::AdminOp(code))),
-            }
-        }
-        Ok(())
-    }
-}
+/// How often librdkafka reports statistics (and so the lag) with metrics on.
+const STATS_INTERVAL_MS: &str = "1000";
 
 /// Client context of the consumer: routes librdkafka's errors to tracing,
 /// leaving out the end-of-partition events the source asks for, and turns
@@ -120,7 +54,7 @@ impl rdkafka::ClientContext for SourceContext {
         let Some(topic) = statistics.topics.get(&self.topic) else { return };
         for (partition, stats) in &topic.partitions {
             if let Some(lag) = partition_lag(stats) {
-                crate::metrics::set_lag(*partition, lag);
+                telemetry::set_lag(*partition, lag);
             }
         }
     }
@@ -143,99 +77,85 @@ impl rdkafka::consumer::ConsumerContext for SourceContext {}
 /// The consumer the source polls.
 pub type SourceConsumer = BaseConsumer<SourceContext>;
 
-/// The partition ids of `topic`; an error if the topic does not exist.
-pub fn partitions_of<X: rdkafka::consumer::ConsumerContext, C: Consumer<X>>(consumer: &C, topic: &str) -> Result<Vec<i32>> {
-    let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch metadata", e))?;
-    let found = metadata.topics().iter().find(|t| t.name() == topic);
-    match found {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
-        _ => Err(Error::Config(format!("topic {topic:?} does not exist on the broker; create it (scripts/services up, or replay)"))),
+/// The queue the source fetches from.
+pub type SourceQueue = FetchQueue<SourceContext>;
+
+pub(super) fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
+    let mut client = source_client_config(&config.kafka, &config.group_id)?;
+    if telemetry::is_installed() && client.get("statistics.interval.ms").is_none() {
+        // The lag gauge comes from librdkafka's statistics (SourceContext::stats).
+        client.set("statistics.interval.ms", STATS_INTERVAL_MS);
     }
+    client.create_with_context(SourceContext { topic: config.kafka.topic.clone() }).map_err(|e| Error::kafka("create consumer", e))
 }
 
-/// A record that is not a usable trade, on its way to the dead-letter topic.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub reason: Reject,
-    pub detail: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
+/// The consumer's librdkafka settings: its defaults, the user's `-X` and
+/// properties file over them, then what it does not let anyone change. The
+/// benchmark's no-op consumer uses the same, so the ceiling cannot drift.
+///
+/// Why each default (numbers in benches/HISTORY.md, items 9 and 15):
+/// `fetch.queue.backoff.ms` 20, not librdkafka's 1000, so fetching does not
+/// pause for a second whenever the local queue is full; the prefetch is
+/// bounded (512 KiB per partition fetch, 16 MiB queued) because a consumer
+/// behind the broker otherwise holds much of the topic decompressed, for no
+/// gain in speed; `fetch.max.bytes` bounds one response, which may bring a
+/// full fetch of every partition at once; `queued.min.messages` asks for the
+/// next response before the queue runs dry.
+pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientConfig> {
+    let mut client = kafka.config_with(&[
+        ("group.id", group_id),
+        ("fetch.wait.max.ms", "50"),
+        ("fetch.queue.backoff.ms", "20"),
+        ("fetch.max.bytes", "1048576"),
+        ("max.partition.fetch.bytes", "524288"),
+        ("queued.max.messages.kbytes", "16384"),
+        ("queued.min.messages", "50000"),
+    ])?;
+    // Not negotiable: offsets come from the checkpoint, and an offset the
+    // broker no longer has is an error, never a silent jump.
+    client
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error");
+    Ok(client)
 }
 
-/// Publishes dead letters with their reason and source in headers, and
-/// waits for the broker to acknowledge them before a checkpoint. The
-/// producer is created with the first dead letter: a run without any pays
-/// neither its threads nor its shutdown.
-pub struct DeadLetters {
-    config: ClientConfig,
-    producer: Option<FutureProducer>,
-    topic: String,
-    source_topic: String,
-    pending: Vec<DeliveryFuture>,
-    sent: u64,
-}
+/// Per partition, where it starts, where it ended at start, and the queue
+/// its records come through.
+type Assigned = (HashMap<i32, i64>, HashMap<i32, i64>, SourceQueue);
 
-impl DeadLetters {
-    /// Checks the producer settings; connects on the first dead letter.
-    pub fn new(args: &KafkaArgs) -> Result<Self> {
-        let config = args.producer_config()?;
-        Ok(DeadLetters {
-            config,
-            producer: None,
-            topic: args.dlq_topic.clone(),
-            source_topic: args.topic.clone(),
-            pending: Vec::new(),
-            sent: 0,
-        })
-    }
-
-    /// Queues one dead letter; waits for earlier ones when the queue is full.
-    pub async fn send(&mut self, letter: &DeadLetter) -> Result<()> {
-        let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some(letter.reason.as_str()) })
-            .insert(Header { key: "detail", value: Some(&letter.detail) })
-            .insert(Header { key: "source.topic", value: Some(&self.source_topic) })
-            .insert(Header { key: "source.partition", value: Some(&partition) })
-            .insert(Header { key: "source.offset", value: Some(&offset) });
-        loop {
-            let producer = match &mut self.producer {
-                Some(producer) => producer,
-                slot @ None => slot.insert(self.config.create().map_err(|e| Error::kafka("dead-letter producer", e))?),
-            };
-            let mut record = FutureRecord::to(&self.topic).payload(&letter.payload).headers(headers.clone());
-            if let Some(key) = &letter.key {
-                record = record.key(key);
+/// Assigns every partition of the topic at its checkpointed offset (or the
+/// beginning). Returns where each starts, where each ended at start, and
+/// the queue their records come through.
+pub(super) fn assign(
+    consumer: &Arc<SourceConsumer>,
+    config: &ConsumerConfig,
+    checkpoints: &BTreeMap<i32, PartitionCheckpoint>,
+) -> Result<Assigned> {
+    let topic = &config.kafka.topic;
+    let mut list = TopicPartitionList::new();
+    let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
+    for partition in kafka::partitions_of(consumer.as_ref(), topic)? {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
+        let start = match checkpoints.get(&partition) {
+            Some(c) if c.next_offset < low || c.next_offset > high => {
+                return Err(Error::Config(format!(
+                    "checkpointed offset {} of {topic}/{partition} is not on the broker (it holds {low}..{high}); \
+                     the records in between are lost to this consumer: restore the topic or start with a fresh --state-dir",
+                    c.next_offset
+                )));
             }
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    self.pending.push(delivery);
-                    self.sent += 1;
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => self.flush().await?,
-                Err((e, _)) => return Err(Error::kafka("queue dead letter", e)),
-            }
-        }
+            Some(c) => c.next_offset,
+            None => low,
+        };
+        list.add_partition_offset(topic, partition, Offset::Offset(start)).map_err(|e| Error::kafka("assign", e))?;
+        positions.insert(partition, start);
+        ends.insert(partition, high);
     }
-
-    /// Waits until the broker acknowledged every dead letter sent so far.
-    pub async fn flush(&mut self) -> Result<()> {
-        for delivery in self.pending.drain(..) {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(Error::kafka("deliver dead letter", e)),
-                Err(_) => return Err(Error::Config("dead-letter producer shut down before delivery".into())),
-            }
-        }
-        Ok(())
-    }
-
-    pub fn sent(&self) -> u64 {
-        self.sent
-    }
+    let fetch = FetchQueue::assign(consumer.clone(), &list)?;
+    info!(%topic, partitions = positions.len(), "{ASSIGNED_LOG}");
+    Ok((positions, ends, fetch))
 }
 
 /// The trades of one partition read in one poll round, with where they came from.
@@ -286,7 +206,7 @@ struct Pending {
 /// the receiver goes away or (with end offsets) every partition is read to
 /// its end.
 pub fn run_source(
-    fetch: &mut FetchQueue,
+    fetch: &mut SourceQueue,
     options: &SourceOptions,
     positions: &HashMap<i32, i64>,
     tx: &mpsc::Sender<SourceEvent>,
@@ -296,6 +216,7 @@ pub fn run_source(
     // than hashed.
     let mut unfinished: BTreeMap<i32, i64> = options.end_offsets.iter().flatten().map(|(p, end)| (*p, *end)).collect();
     unfinished.retain(|p, end| positions.get(p).is_none_or(|pos| pos < end));
+    let mut read = 0;
     while !stop.load(Ordering::Relaxed) {
         if options.end_offsets.is_some() && unfinished.is_empty() {
             let _ = tx.blocking_send(SourceEvent::End);
@@ -303,7 +224,8 @@ pub fn run_source(
         }
         let (pending, rejected, polled_at) = poll_round(fetch, options, &mut unfinished)?;
         let Some(polled_at) = polled_at else { continue };
-        crate::faults::crash_point("after_decode");
+        read += rejected.len() as u64 + pending.values().map(|p| p.offsets.len() as u64).sum::<u64>();
+        CrashPoint::AfterDecode.pass(read);
         let batches = pending
             .into_iter()
             .map(|(partition, mut p)| {
@@ -324,7 +246,7 @@ pub fn run_source(
 }
 
 /// The batches of a round, its rejects, and when its first record came.
-type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
+type Polled = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
 /// One batch: what is queued once the first record came, up to `max_rows`;
 /// when the queue runs dry, more only until `linger` after the first record.
@@ -332,7 +254,7 @@ type Round = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 /// A batch never waits for records that are not there yet with the default
 /// linger of zero: under load the queue is deep and batches fill up, at a
 /// live trickle a batch is the few records that came, written at once.
-fn poll_round(fetch: &mut FetchQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Round> {
+fn poll_round(fetch: &mut SourceQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Polled> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
     let mut rows = 0;
@@ -426,25 +348,6 @@ fn is_fatal(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::Fatal
         )
     )
-}
-
-/// Drops librdkafka clients on a thread of their own. Dropping a consumer
-/// that has a group closes it and waits in steps of 100 ms for that to
-/// finish, and a producer stops its polling thread the same way: a tenth of
-/// a second or two added to the end of every run, of the consumer and of the
-/// benchmark's no-op consumer alike. Nothing is left to them: offsets are in
-/// the checkpoint, the last commit for monitoring was synchronous and every
-/// dead letter was acknowledged.
-pub fn close_in_background<T: Send + 'static>(clients: T) {
-    let spawned = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(clients));
-    if let Err(e) = spawned {
-        warn!(error = %e, "no thread to close the kafka clients on; they are closed when the process ends");
-    }
-}
-
-/// Shares a flag between the consumer loop and the source thread.
-pub fn stop_flag() -> Arc<AtomicBool> {
-    Arc::new(AtomicBool::new(false))
 }
 
 #[cfg(test)]

@@ -21,8 +21,8 @@ use rdkafka::client::DefaultClientContext;
 use tracing::{info, warn};
 
 use crate::archive::{self, ArchiveSummary};
-use crate::cli::KafkaArgs;
 use crate::error::{Error, Result};
+use crate::kafka::KafkaArgs;
 use crate::kafka::REQUEST_TIMEOUT;
 use crate::synth::{self, SynthConfig};
 use crate::trade::TradeColumns;
@@ -192,9 +192,7 @@ impl Bench<'_> {
         }
         info!(path = %path.display(), "generating input");
         let (source, out) = (self.config.source.clone(), path.clone());
-        tokio::task::spawn_blocking(move || synth::generate(&source, &out, &synth))
-            .await
-            .map_err(|e| Error::Config(format!("gen: {e}")))??;
+        tokio::task::spawn_blocking(move || synth::generate(&source, &out, &synth)).await.map_err(|e| Error::join("gen", e))??;
         Ok(path)
     }
 
@@ -227,8 +225,8 @@ impl Bench<'_> {
         self.topics.extend([topic.to_owned(), format!("{}.dlq", self.run)]);
         let measured = measured(cmd).await?;
         measured.check("replay")?;
-        let (trades, rate) =
-            parse_replay(&measured.stdout).ok_or_else(|| Error::Config(format!("replay printed no summary: {:?}", measured.stdout)))?;
+        let (trades, rate) = parse_replay(&measured.stdout)
+            .ok_or_else(|| Error::invalid_data("replay's output", format!("no summary in {:?}", measured.stdout)))?;
         Ok((Sample::new(&measured, trades, Some(rate)), topic.to_owned()))
     }
 
@@ -238,7 +236,7 @@ impl Bench<'_> {
         let measured = measured(cmd).await?;
         measured.check("no-op consumer")?;
         let summary: noop::NoopSummary = serde_json::from_str(measured.stdout.trim())
-            .map_err(|e| Error::Config(format!("no-op consumer output {:?}: {e}", measured.stdout)))?;
+            .map_err(|e| Error::invalid_data("the no-op consumer's output", format!("{:?}: {e}", measured.stdout)))?;
         expect_count("no-op consumer", summary.records, trades)?;
         Ok(Sample::new(&measured, trades, None))
     }
@@ -255,8 +253,8 @@ impl Bench<'_> {
         let measured = measured?;
         measured.check("consumer")?;
         cleaned?;
-        let (records, bars) =
-            parse_consumer(&measured.stdout).ok_or_else(|| Error::Config(format!("consumer printed no summary: {:?}", measured.stdout)))?;
+        let (records, bars) = parse_consumer(&measured.stdout)
+            .ok_or_else(|| Error::invalid_data("the consumer's output", format!("no summary in {:?}", measured.stdout)))?;
         expect_count("consumer", records, trades)?;
         Ok(Sample { bars: Some(bars), redis_cpu_s: Some(redis_cpu?), ..Sample::new(&measured, trades, None) })
     }
@@ -291,7 +289,7 @@ impl Bench<'_> {
         self.drop_topic(topic).await;
         measured.check("ProducerPerformance")?;
         let (sent, rate) = parse_perf(&measured.stdout)
-            .ok_or_else(|| Error::Config(format!("ProducerPerformance printed no total: {:?}", measured.stdout)))?;
+            .ok_or_else(|| Error::invalid_data("ProducerPerformance's output", format!("no total in {:?}", measured.stdout)))?;
         expect_count("ProducerPerformance", sent, trades)?;
         Ok(Sample::new(&measured, trades, Some(rate)))
     }
@@ -337,7 +335,7 @@ impl Bench<'_> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while prom::scrape(addr).is_err() {
             if Instant::now() > deadline {
-                return Err(Error::Config(format!("the consumer never served http://{addr}/metrics")));
+                return Err(Error::Timeout { what: format!("the consumer serving http://{addr}/metrics"), after: Duration::from_secs(30) });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -405,14 +403,14 @@ async fn delete_topics(kafka: &KafkaArgs, topics: &[String]) {
 }
 
 async fn measured(cmd: Command) -> Result<Measured> {
-    tokio::task::spawn_blocking(move || measure::run(cmd)).await.map_err(|e| Error::Config(format!("measure thread: {e}")))?
+    tokio::task::spawn_blocking(move || measure::run(cmd)).await.map_err(|e| Error::join("measure thread", e))?
 }
 
 fn expect_count(what: &str, got: u64, want: u64) -> Result<()> {
     if got == want {
         return Ok(());
     }
-    Err(Error::Config(format!("{what} handled {got} records, expected {want}")))
+    Err(Error::task_failed(what, format!("handled {got} records, expected {want}")))
 }
 
 /// Mean size of the trade events replay publishes for `input`.
@@ -432,7 +430,7 @@ fn mean_payload_bytes(input: &Path) -> Result<usize> {
 }
 
 fn first_time(input: &Path) -> Result<i64> {
-    let batch = archive::open(input, 1)?.next().ok_or_else(|| Error::Config(format!("{}: empty", input.display())))??;
+    let batch = archive::open(input, 1)?.next().ok_or_else(|| Error::invalid_data(input.display().to_string(), "no trades"))??;
     Ok(TradeColumns::new(&batch)?.time.value(0))
 }
 
@@ -467,7 +465,7 @@ async fn redis_cpu_seconds(conn: &mut redis::aio::ConnectionManager) -> Result<f
     let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
     match (field("used_cpu_user:"), field("used_cpu_sys:")) {
         (Some(user), Some(sys)) => Ok(user + sys),
-        _ => Err(Error::Config(format!("redis INFO cpu without used_cpu_user / used_cpu_sys: {info:?}"))),
+        _ => Err(Error::invalid_data("redis INFO cpu", format!("no used_cpu_user / used_cpu_sys in {info:?}"))),
     }
 }
 

@@ -29,25 +29,26 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::source::SourceConsumer;
 use crate::checkpoint::{CheckpointStore, Encoded};
+use crate::crash_point::CrashPoint;
 use crate::error::{Error, Result};
-use crate::faults;
-use crate::kafka::SourceConsumer;
-use crate::metrics::ConsumerMetrics;
 use crate::sink::RedisSink;
+use crate::telemetry::ConsumerMetrics;
 use crate::window::FinalBar;
 
 /// Items the loop may queue for the writer before it waits.
 pub const QUEUED: usize = 16;
 
-/// One unit of work for the writer.
+/// One unit of work for the writer. `read`: records the consumer had read
+/// in this run when it sent the work, how far the work reaches.
 pub enum Work {
     /// Final bars, and when the first record of the batch that closed them
     /// was polled (bar latency is measured from there to Redis's reply).
-    Bars { bars: Vec<FinalBar>, polled_at: Instant },
+    Bars { bars: Vec<FinalBar>, polled_at: Instant, read: u64 },
     /// State and next offsets of the partitions changed since the last
     /// checkpoint, as they were after the bars sent before it.
-    Checkpoint { partitions: Vec<Encoded>, last: bool },
+    Checkpoint { partitions: Vec<Encoded>, last: bool, read: u64 },
 }
 
 /// The loop's end of the writer.
@@ -65,10 +66,8 @@ struct Round {
     bars: Vec<FinalBar>,
     polled: Vec<(usize, Instant)>,
     checkpoint: BTreeMap<i32, Encoded>,
-    /// Items of bars, and checkpoints with partitions, that came in the
-    /// round: the crash points pass once per item, as the harness counts.
-    batches: u64,
-    checkpoints: u64,
+    /// How far the round's work reaches, in records read.
+    read: u64,
     /// A checkpoint came in the round.
     checkpointed: bool,
     /// The last one came: the consumer is stopping.
@@ -78,8 +77,8 @@ struct Round {
 impl Round {
     fn add(&mut self, work: Work) {
         match work {
-            Work::Bars { bars, polled_at } => {
-                self.batches += 1;
+            Work::Bars { bars, polled_at, read } => {
+                self.read = self.read.max(read);
                 if bars.is_empty() {
                     return;
                 }
@@ -90,8 +89,8 @@ impl Round {
                 }
                 self.polled.push((self.bars.len(), polled_at));
             }
-            Work::Checkpoint { partitions, last } => {
-                self.checkpoints += u64::from(!partitions.is_empty());
+            Work::Checkpoint { partitions, last, read } => {
+                self.read = self.read.max(read);
                 self.checkpoint.extend(partitions.into_iter().map(|e| (e.partition, e)));
                 self.checkpointed = true;
                 self.last |= last;
@@ -138,7 +137,7 @@ impl Writer {
         // only on an error.
         match join(self.task.take()).await {
             Err(e) => Err(e),
-            Ok(_) => Err(Error::Config("the consumer's writer stopped early".into())),
+            Ok(_) => Err(Error::task_failed("the consumer's writer", "stopped before its work was done")),
         }
     }
 
@@ -151,8 +150,8 @@ impl Writer {
 }
 
 async fn join(task: Option<JoinHandle<Result<u64>>>) -> Result<u64> {
-    let task = task.ok_or_else(|| Error::Config("the consumer's writer already stopped".into()))?;
-    task.await.map_err(|e| Error::Config(format!("the consumer's writer failed: {e}")))?
+    let task = task.ok_or_else(|| Error::Invariant("the consumer's writer joined twice".into()))?;
+    task.await.map_err(|e| Error::join("the consumer's writer", e))?
 }
 
 impl Task {
@@ -165,10 +164,7 @@ impl Task {
             }
             self.write_bars(&round).await?;
             if round.checkpointed {
-                // The merged checkpoints pass the crash point inside the
-                // save here, before the one the save itself passes.
-                faults::crash_points("inside_checkpoint", round.checkpoints.saturating_sub(1));
-                self.checkpoint(round.checkpoint.into_values().collect(), round.last).await?;
+                self.checkpoint(round.checkpoint.into_values().collect(), round.last, round.read).await?;
             }
         }
         Ok(self.checkpoints)
@@ -181,19 +177,23 @@ impl Task {
             self.metrics.bars_written(&round.bars[from..to], polled_at);
             from = to;
         }
-        faults::crash_points("after_redis_write", round.batches);
+        CrashPoint::AfterRedisWrite.pass(round.read);
         Ok(())
     }
 
     /// State and offsets in one synced batch, then (for lag monitoring
     /// only) the offsets to the group.
-    async fn checkpoint(&mut self, partitions: Vec<Encoded>, last: bool) -> Result<()> {
+    async fn checkpoint(&mut self, partitions: Vec<Encoded>, last: bool, read: u64) -> Result<()> {
         if !partitions.is_empty() {
             let offsets: Vec<(i32, i64)> = partitions.iter().map(|e| (e.partition, e.next_offset)).collect();
             let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.save_encoded(&partitions))
-                .await
-                .map_err(|e| Error::Config(format!("checkpoint thread: {e}")))??;
+            tokio::task::spawn_blocking(move || {
+                let batch = store.prepare(&partitions)?;
+                CrashPoint::InsideCheckpoint.pass(read);
+                store.commit(batch)
+            })
+            .await
+            .map_err(|e| Error::join("checkpoint thread", e))??;
             self.checkpoints += 1;
             self.committed.extend(offsets);
         }
@@ -238,19 +238,19 @@ mod tests {
     fn a_round_keeps_the_bars_in_order_and_each_partitions_newest_state() {
         let at = Instant::now();
         let mut round = Round::default();
-        round.add(Work::Bars { bars: vec![bar("A", 1000), bar("B", 1000)], polled_at: at });
-        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 10), checkpoint(1, 20)], last: false });
-        round.add(Work::Bars { bars: Vec::new(), polled_at: at });
-        round.add(Work::Bars { bars: vec![bar("A", 2000)], polled_at: at });
-        round.add(Work::Checkpoint { partitions: Vec::new(), last: false });
-        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 30)], last: true });
+        round.add(Work::Bars { bars: vec![bar("A", 1000), bar("B", 1000)], polled_at: at, read: 40 });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 10), checkpoint(1, 20)], last: false, read: 40 });
+        round.add(Work::Bars { bars: Vec::new(), polled_at: at, read: 50 });
+        round.add(Work::Bars { bars: vec![bar("A", 2000)], polled_at: at, read: 70 });
+        round.add(Work::Checkpoint { partitions: Vec::new(), last: false, read: 70 });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 30)], last: true, read: 90 });
 
         let order: Vec<(&str, i64)> = round.bars.iter().map(|b| (b.symbol.as_str(), b.end)).collect();
         assert_eq!(order, [("A", 1000), ("B", 1000), ("A", 2000)]);
         assert_eq!(round.polled.iter().map(|(to, _)| *to).collect::<Vec<_>>(), [2, 3]);
         let offsets: Vec<(i32, i64)> = round.checkpoint.values().map(|e| (e.partition, e.next_offset)).collect();
         assert_eq!(offsets, [(0, 30), (1, 20)]);
-        // Three items of bars (one empty), two checkpoints with partitions.
-        assert_eq!((round.batches, round.checkpoints, round.checkpointed, round.last), (3, 2, true, true));
+        // The round reaches as far as its furthest item.
+        assert_eq!((round.read, round.checkpointed, round.last), (90, true, true));
     }
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
-use crate::cli::{KafkaArgs, RedisTarget};
+use crate::kafka::KafkaArgs;
+use crate::sink::RedisTarget;
 use crate::sink::{Keys, MARKER_VALUE};
 
 /// The data source uids provisioned from `grafana/provisioning/datasources`.

@@ -9,12 +9,21 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clap::Args;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::window::FinalBar;
+
+/// Where the Prometheus endpoint listens, if anywhere.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics; off when absent.
+    #[arg(long, env = "CRYPTOPULSE_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
 
 // Consumer.
 /// Records read from Kafka, usable trades or not.

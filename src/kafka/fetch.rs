@@ -1,10 +1,9 @@
 //! Records from the broker in batches. rdkafka's `poll` hands out one
 //! message per call through librdkafka's event API: a queue lock, three
-//! clock reads and an `Arc` per message, which made the no-op consumer's
-//! polling thread the ceiling's bottleneck (2.25 M records/s over ten
-//! million; benches/HISTORY.md, item 17). Here the assigned partitions'
-//! fetch queues are forwarded to a queue of our own, served with
-//! `rd_kafka_consume_batch_queue`: 4.0 M records/s, a quarter less CPU.
+//! clock reads and an `Arc` per message, which made the polling thread the
+//! bottleneck of the no-op ceiling (benches/HISTORY.md, item 17). Here the
+//! assigned partitions' fetch queues are forwarded to a queue of our own,
+//! served with `rd_kafka_consume_batch_queue`.
 //!
 //! Only records and per-partition errors (end of partition, offset out of
 //! range) take this path. Statistics, logs and client errors stay on the
@@ -25,42 +24,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
 use crate::error::{Error, Result};
-use crate::kafka::SourceConsumer;
 
 /// Records taken from librdkafka per call, at most.
 pub const MAX_BATCH: usize = 1024;
 
-/// Our queue, and the partition queues forwarded to it.
-pub struct FetchQueue {
+/// Our queue, and the partition queues forwarded to it, of a consumer with
+/// context `C`.
+pub struct FetchQueue<C: ConsumerContext + 'static> {
     queue: NonNull<rd::rd_kafka_queue_t>,
     partitions: Vec<NonNull<rd::rd_kafka_queue_t>>,
     /// Room for the message pointers of one batch, allocated once.
     slots: Vec<*mut rd::rd_kafka_message_t>,
     /// Held so the client outlives every queue handle of it.
-    consumer: Arc<SourceConsumer>,
+    consumer: Arc<BaseConsumer<C>>,
 }
 
 // SAFETY: librdkafka's queue handles may be used from any thread (its
 // queues lock internally); a FetchQueue is used by one thread at a time
 // (`&mut self`), and the client it points into is kept alive by `consumer`.
-unsafe impl Send for FetchQueue {}
+unsafe impl<C: ConsumerContext + 'static> Send for FetchQueue<C> {}
 
-impl FetchQueue {
+impl<C: ConsumerContext + 'static> FetchQueue<C> {
     /// Assigns `consumer` the partitions of `list`, their fetch queues
     /// forwarded to a new queue first: a record fetched before the forward
     /// would go to the consumer's own queue.
-    pub fn assign(consumer: Arc<SourceConsumer>, list: &TopicPartitionList) -> Result<Self> {
+    pub fn assign(consumer: Arc<BaseConsumer<C>>, list: &TopicPartitionList) -> Result<Self> {
         let rk = consumer.client().native_ptr();
         // SAFETY: rk is a live client handle (held by `consumer`).
-        let queue =
-            NonNull::new(unsafe { rd::rd_kafka_queue_new(rk) }).ok_or_else(|| Error::Config("librdkafka could not make a queue".into()))?;
+        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(rk) })
+            .ok_or_else(|| Error::Invariant("librdkafka could not make a queue".into()))?;
         let slots = vec![std::ptr::null_mut(); MAX_BATCH];
         let mut fetch = FetchQueue { queue, partitions: Vec::new(), slots, consumer };
         for element in list.elements() {
@@ -68,7 +67,8 @@ impl FetchQueue {
             let topic_c = CString::new(topic).map_err(|_| Error::Config(format!("topic {topic:?} has a NUL byte")))?;
             // SAFETY: as above; topic_c outlives the call.
             let handle = unsafe { rd::rd_kafka_queue_get_partition(rk, topic_c.as_ptr(), partition) };
-            let handle = NonNull::new(handle).ok_or_else(|| Error::Config(format!("no fetch queue for {topic}/{partition}")))?;
+            let handle =
+                NonNull::new(handle).ok_or_else(|| Error::Invariant(format!("librdkafka has no fetch queue for {topic}/{partition}")))?;
             // SAFETY: both handles are live; forwarding keeps a reference to
             // our queue until it is undone in Drop.
             unsafe { rd::rd_kafka_queue_forward(handle.as_ptr(), fetch.queue.as_ptr()) };
@@ -119,7 +119,7 @@ fn unexpected(partition: i32, offset: i64) -> RDKafkaErrorCode {
     RDKafkaErrorCode::Fatal
 }
 
-impl Drop for FetchQueue {
+impl<C: ConsumerContext + 'static> Drop for FetchQueue<C> {
     fn drop(&mut self) {
         for handle in self.partitions.drain(..) {
             // SAFETY: each handle is live and dropped once; undoing the

@@ -37,7 +37,7 @@ impl Measured {
         }
         let tail: Vec<&str> = self.stderr.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(Error::Config(format!("{what} failed ({}):\n{}", self.status, tail.join("\n"))))
+        Err(Error::task_failed(what, format!("({}):\n{}", self.status, tail.join("\n"))))
     }
 }
 
@@ -80,7 +80,7 @@ fn join(reader: Option<JoinHandle<String>>) -> String {
 /// CPU time of every child this process has reaped so far.
 pub fn children_cpu() -> Result<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").map_err(|e| Error::io("/proc/self/stat", e))?;
-    children_cpu_of(&stat).ok_or_else(|| Error::Config("/proc/self/stat: unexpected format".into()))
+    children_cpu_of(&stat).ok_or_else(|| Error::invalid_data("/proc/self/stat", "unexpected format"))
 }
 
 /// `cutime + cstime` of a `/proc/<pid>/stat` line (fields 16 and 17; the

@@ -12,11 +12,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::KafkaArgs;
+use crate::consumer::source::{SourceConsumer, SourceContext};
+use crate::consumer::source_client_config;
 use crate::error::{Error, Result};
-use crate::fetch::{FetchQueue, MAX_BATCH};
-use crate::kafka::{self, SourceConsumer, SourceContext, REQUEST_TIMEOUT};
-use crate::pipeline::source_client_config;
+use crate::kafka::fetch::{FetchQueue, MAX_BATCH};
+use crate::kafka::KafkaArgs;
+use crate::kafka::{self, REQUEST_TIMEOUT};
 
 /// What the no-op consumer read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

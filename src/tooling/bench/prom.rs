@@ -35,7 +35,10 @@ pub fn scrape(addr: SocketAddr) -> Result<String> {
     stream.read_to_string(&mut response).map_err(io)?;
     match response.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200") => Ok(body.to_owned()),
-        _ => Err(Error::Config(format!("http://{addr}/metrics: unexpected response {:?}", response.lines().next().unwrap_or("")))),
+        _ => Err(Error::invalid_data(
+            format!("http://{addr}/metrics"),
+            format!("unexpected response {:?}", response.lines().next().unwrap_or("")),
+        )),
     }
 }
 

@@ -1,0 +1,163 @@
+//! The consumer's loop: each batch of the source updates the window state
+//! and hands its bars to the writer; ticks close idle bars and trigger
+//! timed checkpoints; the last checkpoint comes at shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::source::{PartitionBatch, SourceEvent};
+use super::writer::{Work, Writer};
+use super::{ConsumerConfig, Summary};
+use crate::checkpoint::PartitionCheckpoint;
+use crate::crash_point::CrashPoint;
+use crate::error::Result;
+use crate::kafka::{DeadLetter, DeadLetters};
+use crate::rejection::Reject;
+use crate::telemetry::{self, ConsumerMetrics};
+use crate::trade::TradeColumns;
+use crate::window::Counts;
+
+pub(super) struct Loop {
+    pub(super) config: ConsumerConfig,
+    pub(super) writer: Writer,
+    pub(super) dead_letters: DeadLetters,
+    pub(super) partitions: BTreeMap<i32, PartitionCheckpoint>,
+    /// Partitions changed since the last checkpoint.
+    pub(super) dirty: BTreeSet<i32>,
+    /// Each partition's size in its last checkpoint, to serialize the next
+    /// one without regrowing the buffer.
+    pub(super) encoded_size: BTreeMap<i32, usize>,
+    pub(super) since_checkpoint: u64,
+    pub(super) last_checkpoint: Instant,
+    pub(super) summary: Summary,
+    pub(super) metrics: ConsumerMetrics,
+}
+
+impl Loop {
+    pub(super) async fn run(&mut self, mut rx: mpsc::Receiver<SourceEvent>, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                event = rx.recv() => match event {
+                    Some(SourceEvent::Batch { batches, rejected, polled_at }) => self.on_batch(batches, rejected, polled_at).await?,
+                    Some(SourceEvent::End) | None => break,
+                },
+                _ = tick.tick() => self.on_tick().await?,
+            }
+        }
+        self.shutdown().await
+    }
+
+    async fn on_batch(&mut self, batches: Vec<PartitionBatch>, rejected: Vec<DeadLetter>, polled_at: Instant) -> Result<()> {
+        for letter in &rejected {
+            self.partitions.entry(letter.partition).or_default().state.counts.rejected += 1;
+            self.dead_letters.send(letter).await?;
+            telemetry::dead_letter(letter.reason.as_str());
+        }
+        let mut bars = Vec::new();
+        let mut records = rejected.len() as u64;
+        for batch in batches {
+            let partition = self.partitions.entry(batch.partition).or_default();
+            let before = partition.state.counts.clone();
+            let output = partition.state.apply(&batch.trades, &self.config.window)?;
+            count_applied(&self.metrics, &before, &partition.state.counts);
+            partition.next_offset = batch.next_offset;
+            self.dirty.insert(batch.partition);
+            records += batch.offsets.len() as u64;
+            if !output.late_rows.is_empty() {
+                let cols = TradeColumns::new(&batch.trades)?;
+                for row in output.late_rows {
+                    self.dead_letters.send(&late_letter(&batch, &cols, row)).await?;
+                    telemetry::dead_letter(Reject::Late.as_str());
+                }
+            }
+            bars.extend(output.bars);
+        }
+        self.summary.records += records;
+        self.since_checkpoint += records;
+        self.metrics.records.increment(records);
+        CrashPoint::AfterStateUpdate.pass(self.summary.records);
+        if !bars.is_empty() {
+            self.writer.send(Work::Bars { bars, polled_at, read: self.summary.records }).await?;
+        }
+        if self.since_checkpoint >= self.config.checkpoint_records {
+            self.checkpoint(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        if let Some(idle) = self.config.idle_finalize {
+            let ticked = Instant::now();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let mut bars = Vec::new();
+            for (partition, checkpoint) in &mut self.partitions {
+                let closed = checkpoint.state.finalize_idle(now, idle.as_millis() as i64, &self.config.window);
+                if !closed.is_empty() {
+                    self.dirty.insert(*partition);
+                    bars.extend(closed);
+                }
+            }
+            if !bars.is_empty() {
+                self.writer.send(Work::Bars { bars, polled_at: ticked, read: self.summary.records }).await?;
+            }
+        }
+        if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
+            self.checkpoint(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Dead letters acknowledged, then the changed partitions' state and
+    /// offsets handed to the writer, which saves them after the bars before.
+    async fn checkpoint(&mut self, last: bool) -> Result<()> {
+        self.dead_letters.flush().await?;
+        if self.dirty.is_empty() && !last {
+            return Ok(());
+        }
+        let mut partitions = Vec::with_capacity(self.dirty.len());
+        for partition in &self.dirty {
+            let Some(checkpoint) = self.partitions.get(partition) else { continue };
+            let encoded = checkpoint.encode(*partition, self.encoded_size.get(partition).map_or(0, |size| size + size / 8))?;
+            self.encoded_size.insert(*partition, encoded.size());
+            partitions.push(encoded);
+        }
+        self.writer.send(Work::Checkpoint { partitions, last, read: self.summary.records }).await?;
+        self.dirty.clear();
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// The last checkpoint; `run_once` then waits for the writer.
+    async fn shutdown(&mut self) -> Result<()> {
+        self.checkpoint(true).await?;
+        self.summary.dead_letters = self.dead_letters.sent();
+        Ok(())
+    }
+}
+
+/// Per batch, not per trade: what `apply` added to a partition's counts.
+fn count_applied(metrics: &ConsumerMetrics, before: &Counts, after: &Counts) {
+    metrics.applied.increment(after.applied.saturating_sub(before.applied));
+    metrics.duplicates.increment(after.duplicates.saturating_sub(before.duplicates));
+    metrics.late.increment(after.late.saturating_sub(before.late));
+}
+
+fn late_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize) -> DeadLetter {
+    let trade = cols.trade(row);
+    DeadLetter {
+        reason: Reject::Late,
+        detail: format!("trade {} of {} at {} is for a bar already final", trade.id, trade.symbol, trade.time_ms),
+        partition: batch.partition,
+        offset: batch.offsets[row],
+        key: Some(trade.symbol.as_bytes().to_vec()),
+        payload: batch.payloads.value(row).to_vec(),
+    }
+}

@@ -1,0 +1,189 @@
+//! The consumer: Kafka batches in, window state updated, bars to Redis,
+//! then a checkpoint of state and offsets (SPEC §7). Side effect first, then
+//! mark done: a checkpoint is written only after Redis acknowledged every bar
+//! and the broker every dead letter it covers.
+//!
+//! | piece | file |
+//! |---|---|
+//! | client, assignment, the thread that fetches and decodes | [`source`] |
+//! | the loop: batches, ticks, checkpoints, shutdown | [`event_loop`] |
+//! | Redis writes and checkpoints, in order, beside the loop | [`writer`] |
+
+mod event_loop;
+pub mod source;
+mod writer;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::error::{Error, Result};
+use crate::kafka::{self, DeadLetters, KafkaArgs, REQUEST_TIMEOUT};
+use crate::sink::{RedisArgs, RedisSink};
+use crate::telemetry::ConsumerMetrics;
+use crate::window::{Counts, WindowConfig};
+use event_loop::Loop;
+use source::SourceOptions;
+pub use source::{source_client_config, ASSIGNED_LOG};
+use writer::Writer;
+
+/// Where the consumer keeps its checkpoints unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "state";
+
+/// Everything the consumer needs to run.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub kafka: KafkaArgs,
+    pub redis: RedisArgs,
+    pub state_dir: PathBuf,
+    pub window: WindowConfig,
+    /// Consumer group the offsets are committed to, for lag monitoring only.
+    pub group_id: String,
+    /// Stop once every partition is read to where it ended at start.
+    pub exit_at_end: bool,
+    pub checkpoint_interval: Duration,
+    pub checkpoint_records: u64,
+    pub max_batch_rows: usize,
+    pub linger: Duration,
+    /// Live mode: a bar is also final this long after its end without trades.
+    pub idle_finalize: Option<Duration>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Totals over all partitions, including earlier runs (from the checkpoint).
+    pub counts: Counts,
+    /// Records read in this run.
+    pub records: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    pub elapsed: Duration,
+    /// Times the state was rewound because Redis lost the data.
+    pub rebuilds: u32,
+}
+
+/// How often Redis may lose its data in one run before the consumer gives up.
+const MAX_REBUILDS: u32 = 3;
+
+/// Runs the consumer until `shutdown` resolves or, with `exit_at_end`, the
+/// partitions are read to their end; always ends with a checkpoint. When
+/// Redis lost the data (restarted empty, flushed), the state is rewound to
+/// the start of the topic and everything is written again.
+pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
+    config.window.validate()?;
+    let started = Instant::now();
+    tokio::pin!(shutdown);
+    let mut rebuilds = 0;
+    loop {
+        match run_once(config.clone(), shutdown.as_mut()).await {
+            Err(Error::RedisDataLost { prefix }) if rebuilds < MAX_REBUILDS => {
+                error!(%prefix, "redis lost the consumer's data (restarted empty or flushed): rewinding to the start of the topic to write it again");
+                rewind(&config).await?;
+                rebuilds += 1;
+            }
+            Ok(mut summary) => {
+                summary.elapsed = started.elapsed();
+                summary.rebuilds = rebuilds;
+                return Ok(summary);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
+    let store = Arc::new(open_store(&config).await?);
+    let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
+    let consumer = Arc::new(source::create_consumer(&config)?);
+    let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions)?;
+    let mut sink = RedisSink::connect(
+        &config.redis.target.url,
+        &config.redis.target.prefix,
+        config.window.names(),
+        config.redis.retention_ms(),
+        config.redis.retry_for(),
+    )
+    .await?;
+    sink.check_marker(partitions.values().any(|p| p.state.counts.bars > 0)).await?;
+    let dead_letters = DeadLetters::new(&config.kafka)?;
+
+    let (tx, rx) = mpsc::channel(2);
+    let stop = kafka::stop_flag();
+    let source_options =
+        SourceOptions { max_rows: config.max_batch_rows, linger: config.linger, end_offsets: config.exit_at_end.then_some(end_offsets) };
+    let source = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("kafka-source".into())
+            .spawn(move || source::run_source(&mut fetch, &source_options, &positions, &tx, &stop))
+            .map_err(|e| Error::io("kafka-source thread", e))?
+    };
+
+    let committed = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+    let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
+    let mut consumer_loop = Loop {
+        config,
+        writer,
+        dead_letters,
+        partitions,
+        dirty: BTreeSet::new(),
+        encoded_size: BTreeMap::new(),
+        since_checkpoint: 0,
+        last_checkpoint: Instant::now(),
+        summary: Summary::default(),
+        metrics: ConsumerMetrics::new(),
+    };
+    let result = consumer_loop.run(rx, shutdown).await;
+    stop.store(true, Ordering::Relaxed);
+    let source_result = source.join().map_err(|_| Error::Panicked { task: "kafka source thread".into() })?;
+    let Loop { writer, dead_letters, partitions, mut summary, .. } = consumer_loop;
+    // On an error too the writer finishes what it was given (all of it
+    // consistent: a checkpoint only follows its bars) and so lets go of the
+    // store before a rewind opens it again.
+    let checkpoints = writer.finish().await;
+    result?;
+    source_result?;
+    summary.checkpoints = checkpoints?;
+    info!(records = summary.records, checkpoints = summary.checkpoints, dead_letters = summary.dead_letters, "consumer stopped");
+    // Every dead letter is acknowledged (the last checkpoint waited for them).
+    kafka::close_in_background((consumer, dead_letters));
+    summary.counts = partitions.values().fold(Counts::default(), |mut total, p| {
+        total.add(&p.state.counts);
+        total
+    });
+    Ok(summary)
+}
+
+/// Forgets all window state and sets every partition back to the oldest
+/// offset the broker still has. Records already gone from the topic cannot
+/// be written again: that is logged as an error.
+async fn rewind(config: &ConsumerConfig) -> Result<()> {
+    let store = open_store(config).await?;
+    let consumer = source::create_consumer(config)?;
+    let topic = &config.kafka.topic;
+    let mut fresh = Vec::new();
+    for partition in kafka::partitions_of(&consumer, topic)? {
+        let (low, _) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
+        if low > 0 {
+            error!(%topic, partition, log_start = low, "records before the log start are gone from Kafka: the bars they made cannot be written again");
+        }
+        fresh.push((partition, PartitionCheckpoint { next_offset: low, ..Default::default() }));
+    }
+    tokio::task::spawn_blocking(move || store.save(fresh.iter().map(|(p, c)| (*p, c))))
+        .await
+        .map_err(|e| Error::join("checkpoint thread", e))?
+}
+
+async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {
+    let (dir, topic) = (config.state_dir.clone(), config.kafka.topic.clone());
+    tokio::task::spawn_blocking(move || CheckpointStore::open(&dir, &topic)).await.map_err(|e| Error::join("checkpoint open", e))?
+}
