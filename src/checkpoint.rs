@@ -2,6 +2,7 @@
 //! state and the next offset to read, written together in one synced
 //! RocksDB `WriteBatch`. Offsets live here, not in the consumer group.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
@@ -16,6 +17,7 @@ const CF_META: &str = "meta";
 const CF_PARTITIONS: &str = "partitions";
 const KEY_FORMAT: &[u8] = b"format_version";
 const KEY_TOPIC: &[u8] = b"topic";
+const KEY_IDENTITY: &[u8] = b"identity";
 
 /// Memtable size of a column family. Every checkpoint rewrites the state
 /// of its partitions, so a memtable fills with versions of the same keys:
@@ -68,6 +70,47 @@ impl Encoded {
     }
 }
 
+/// What the state in a store depends on (SPEC §7): the topic, its partition
+/// count, the window widths and the RSI period. A consumer with other values
+/// refuses the store rather than mix two configurations in one state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub topic: String,
+    pub partitions: usize,
+    pub bar_ms: i64,
+    pub vwap_ms: i64,
+    pub rsi_period: u32,
+}
+
+impl Identity {
+    /// Each value by the name of the flag that sets it.
+    fn fields(&self) -> [(&'static str, String); 5] {
+        [
+            ("topic", self.topic.clone()),
+            ("partitions", self.partitions.to_string()),
+            ("bar-ms", self.bar_ms.to_string()),
+            ("vwap-ms", self.vwap_ms.to_string()),
+            ("rsi-period", self.rsi_period.to_string()),
+        ]
+    }
+
+    fn encode(&self) -> String {
+        self.fields().iter().map(|(name, value)| format!("{name}={value}\n")).collect()
+    }
+
+    /// What differs from a stored identity, one `name: stored X, given Y` each.
+    fn differences(&self, stored: &str) -> Vec<String> {
+        let stored: BTreeMap<&str, &str> = stored.lines().filter_map(|line| line.split_once('=')).collect();
+        self.fields()
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let was = stored.get(name).copied().unwrap_or("(none)");
+                (was != value).then(|| format!("{name}: stored {was}, given {value}"))
+            })
+            .collect()
+    }
+}
+
 /// A checkpoint built by [`CheckpointStore::prepare`], written by
 /// [`CheckpointStore::commit`].
 pub struct Prepared(WriteBatch);
@@ -102,11 +145,11 @@ impl CheckpointStore {
             }
         })?;
         let store = CheckpointStore { db, path: path.to_owned() };
-        store.check_identity(topic)?;
+        store.check_format(topic)?;
         Ok(store)
     }
 
-    fn check_identity(&self, topic: &str) -> Result<()> {
+    fn check_format(&self, topic: &str) -> Result<()> {
         let meta = self.cf(CF_META)?;
         let refuse = |reason: String| Err(Error::CheckpointFormat { path: self.path.clone(), reason });
         match self.db.get_cf(meta, KEY_FORMAT).map_err(|e| self.err(e))? {
@@ -126,6 +169,30 @@ impl CheckpointStore {
             return refuse(format!("holds state of topic {:?}, not {topic:?}", String::from_utf8_lossy(&stored)));
         }
         Ok(())
+    }
+
+    /// Refuses a store whose state was made with another [`Identity`], naming
+    /// each value that differs; a store without one (new, or written before
+    /// identities were kept) takes this one.
+    pub fn check_identity(&self, identity: &Identity) -> Result<()> {
+        let meta = self.cf(CF_META)?;
+        let Some(stored) = self.db.get_cf(meta, KEY_IDENTITY).map_err(|e| self.err(e))? else {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(meta, KEY_IDENTITY, identity.encode().as_bytes());
+            return self.write(batch);
+        };
+        let differences = identity.differences(&String::from_utf8_lossy(&stored));
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(Error::CheckpointFormat {
+            path: self.path.clone(),
+            reason: format!(
+                "its state was made with other settings ({}); the output depends on them, so it cannot go on with these: \
+                 run with the stored values, or start from a fresh --state-dir (the topic is then read from its start)",
+                differences.join("; ")
+            ),
+        })
     }
 
     /// Every partition checkpointed so far.
@@ -213,6 +280,23 @@ mod tests {
 
     /// Each checkpoint rewrites whole partitions; over a long run the
     /// memtables and the write-ahead log must stay a few checkpoints big.
+    #[test]
+    fn a_store_refuses_other_settings_naming_each_and_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = Identity { topic: "trades.raw".into(), partitions: 6, bar_ms: 1000, vwap_ms: 5000, rsi_period: 14 };
+        let store = CheckpointStore::open(dir.path(), "trades.raw").unwrap();
+        store.check_identity(&identity).unwrap();
+        store.check_identity(&identity).unwrap();
+        let changed = Identity { partitions: 12, rsi_period: 7, ..identity.clone() };
+        let err = store.check_identity(&changed).unwrap_err().to_string();
+        assert!(err.contains("partitions: stored 6, given 12") && err.contains("rsi-period: stored 14, given 7"), "{err}");
+        assert!(!err.contains("bar-ms"), "{err}");
+        // The refusal wrote nothing: the stored identity still stands.
+        store.check_identity(&identity).unwrap();
+        let err = store.check_identity(&Identity { bar_ms: 2000, vwap_ms: 10_000, ..identity }).unwrap_err().to_string();
+        assert!(err.contains("bar-ms: stored 1000, given 2000") && err.contains("vwap-ms: stored 5000, given 10000"), "{err}");
+    }
+
     #[test]
     fn memory_and_log_stay_bounded_over_many_checkpoints() {
         let dir = tempfile::tempdir().unwrap();

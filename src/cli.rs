@@ -4,6 +4,20 @@
 //! [`crate::window::WindowArgs`], [`crate::telemetry::MetricsArgs`]) and is
 //! flattened into each binary.
 
+use std::time::Duration;
+
+/// A clap value parser for a duration (humantime: `30s`, `23h`, `500ms`)
+/// between `MIN_MS` and `MAX_MS` milliseconds: zero, negative and absurd
+/// values are refused with the allowed range, and clap names the flag.
+pub fn duration_between<const MIN_MS: u64, const MAX_MS: u64>(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let (min, max) = (Duration::from_millis(MIN_MS), Duration::from_millis(MAX_MS));
+    if value < min || value > max {
+        return Err(format!("must be between {} and {}", humantime::format_duration(min), humantime::format_duration(max)));
+    }
+    Ok(value)
+}
+
 /// Logging for the binaries: `RUST_LOG` or INFO, to stderr.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -31,4 +45,18 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_outside_their_range_are_refused_with_it() {
+        assert_eq!(duration_between::<1000, 3_600_000>("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration_between::<1000, 3_600_000>("0s"), Err("must be between 1s and 1h".into()));
+        assert_eq!(duration_between::<1000, 3_600_000>("2h"), Err("must be between 1s and 1h".into()));
+        assert!(duration_between::<1000, 3_600_000>("-5s").is_err());
+        assert!(duration_between::<1000, 3_600_000>("soon").is_err());
+    }
 }

@@ -29,6 +29,14 @@ pub enum Reject {
     BadQty,
     /// The trade is for a bar that is already final (SPEC §5).
     Late,
+    /// The record is larger than its topic takes (SPEC §2, §9).
+    TooLarge,
+    /// A symbol this process does not follow: the producer did not
+    /// subscribe to it (SPEC §9).
+    UnknownSymbol,
+    /// The trade would take its bar's sums past what they hold exactly
+    /// (SPEC §1): a wrong bar is never written instead.
+    Overflow,
 }
 
 impl Reject {
@@ -45,6 +53,9 @@ impl Reject {
             Reject::BadPrice => "bad_price",
             Reject::BadQty => "bad_qty",
             Reject::Late => "late",
+            Reject::TooLarge => "too_large",
+            Reject::UnknownSymbol => "unknown_symbol",
+            Reject::Overflow => "overflow",
         }
     }
 }

@@ -36,10 +36,10 @@ pub struct RedisArgs {
     #[command(flatten)]
     pub target: RedisTarget,
     /// Event time kept in sorted sets and streams, in seconds.
-    #[arg(long, env = "CRYPTOPULSE_RETENTION_SECS", default_value_t = DEFAULT_RETENTION_SECS)]
+    #[arg(long, env = "CRYPTOPULSE_RETENTION_SECS", default_value_t = DEFAULT_RETENTION_SECS, value_parser = clap::value_parser!(u64).range(1..=10 * 366 * 86_400))]
     pub retention_secs: u64,
     /// How long a write keeps being retried while Redis is away, in seconds.
-    #[arg(long, env = "CRYPTOPULSE_REDIS_RETRY_SECS", default_value_t = 300)]
+    #[arg(long, env = "CRYPTOPULSE_REDIS_RETRY_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=7 * 86_400))]
     pub redis_retry_secs: u64,
 }
 

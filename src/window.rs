@@ -21,13 +21,13 @@ use crate::trade::TradeColumns;
 #[derive(Args, Debug, Clone)]
 pub struct WindowArgs {
     /// Bar width in ms.
-    #[arg(long, env = "CRYPTOPULSE_BAR_MS", default_value_t = DEFAULT_BAR_MS)]
+    #[arg(long, env = "CRYPTOPULSE_BAR_MS", default_value_t = DEFAULT_BAR_MS, value_parser = clap::value_parser!(i64).range(1..=86_400_000))]
     pub bar_ms: i64,
     /// Width of the longer VWAP window in ms, a multiple of the bar.
-    #[arg(long, env = "CRYPTOPULSE_VWAP_MS", default_value_t = DEFAULT_VWAP_MS)]
+    #[arg(long, env = "CRYPTOPULSE_VWAP_MS", default_value_t = DEFAULT_VWAP_MS, value_parser = clap::value_parser!(i64).range(1..=7 * 86_400_000))]
     pub vwap_ms: i64,
     /// RSI period, in bars.
-    #[arg(long, env = "CRYPTOPULSE_RSI_PERIOD", default_value_t = DEFAULT_RSI_PERIOD)]
+    #[arg(long, env = "CRYPTOPULSE_RSI_PERIOD", default_value_t = DEFAULT_RSI_PERIOD, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub rsi_period: u32,
 }
 
@@ -277,6 +277,9 @@ pub struct BatchOutput {
     pub bars: Vec<FinalBar>,
     /// Rows of the batch that were late (SPEC §5), in row order.
     pub late_rows: Vec<usize>,
+    /// Rows whose price and quantity would take their bar's sums past what
+    /// they can hold exactly (SPEC §1): dead letters, never a wrong bar.
+    pub overflow_rows: Vec<usize>,
 }
 
 impl PartitionState {
@@ -296,7 +299,7 @@ impl PartitionState {
                 .symbols
                 .get_mut(symbol)
                 .ok_or_else(|| Error::Invariant(format!("symbol {symbol} vanished from its partition's state")))?;
-            window.admit(rows, &cols, cfg, &mut self.counts, &mut out.late_rows, &mut accepted);
+            window.admit(rows, &cols, cfg, &mut self.counts, (&mut out.late_rows, &mut out.overflow_rows), &mut accepted);
             bars_of(&cols, &accepted, cfg, &mut bars);
             for bar in bars.drain(..) {
                 if let Some(done) = window.add_bar(bar) {
@@ -306,6 +309,7 @@ impl PartitionState {
         }
         self.counts.bars += out.bars.len() as u64;
         out.late_rows.sort_unstable();
+        out.overflow_rows.sort_unstable();
         Ok(out)
     }
 
@@ -380,18 +384,22 @@ impl<'a> SymbolGroups<'a> {
 }
 
 impl SymbolWindow {
-    /// Drops duplicates, sets aside late trades and puts the rows to apply
-    /// in `accepted` (replacing what it held).
+    /// Drops duplicates, sets aside late trades and trades that would take
+    /// their bar's sums past [`sum_limit`], and puts the rows to apply in
+    /// `accepted` (replacing what it held).
     fn admit(
         &mut self,
         rows: &[u32],
         cols: &TradeColumns<'_>,
         cfg: &WindowConfig,
         counts: &mut Counts,
-        late: &mut Vec<usize>,
+        (late, overflow): (&mut Vec<usize>, &mut Vec<usize>),
         accepted: &mut Vec<u32>,
     ) {
         let (ids, times) = (cols.id.values(), cols.time.values());
+        let (prices, qtys, limit) = (cols.price.values(), cols.qty.values(), sum_limit(cfg));
+        // The open bar's start, Σq and Σp·q, as the accepted rows leave them.
+        let mut sums = self.open.as_ref().map(|bar| (bar.start, bar.volume, bar.quote_volume));
         let mut open_start = self.open.as_ref().map(|bar| bar.start);
         let closed_through = self.rsi.last_start;
         accepted.clear();
@@ -403,9 +411,24 @@ impl SymbolWindow {
                 counts.late += 1;
                 late.push(row as usize);
             } else {
-                open_start = Some(start);
-                self.last_id = Some(id);
-                accepted.push(row);
+                let (volume, quote) = match sums {
+                    Some((open, volume, quote)) if open == start => (volume, quote),
+                    _ => (0, 0),
+                };
+                let (price, qty) = (prices[row as usize], qtys[row as usize]);
+                let added = price.checked_mul(qty).and_then(|pq| Some((volume.checked_add(qty)?, quote.checked_add(pq)?)));
+                match added.filter(|&(volume, quote)| volume <= limit && quote <= limit) {
+                    Some((volume, quote)) => {
+                        sums = Some((start, volume, quote));
+                        open_start = Some(start);
+                        self.last_id = Some(id);
+                        accepted.push(row);
+                    }
+                    None => {
+                        counts.rejected += 1;
+                        overflow.push(row as usize);
+                    }
+                }
             }
         }
         counts.applied += accepted.len() as u64;
@@ -441,6 +464,12 @@ impl SymbolWindow {
     }
 }
 
+/// The most one bar's Σq or Σp·q may reach: the longer VWAP adds up to
+/// `vwap_ms / bar_ms + 1` bars' sums, and that total must not wrap either.
+fn sum_limit(cfg: &WindowConfig) -> i128 {
+    i128::MAX / (i128::from(cfg.vwap_ms / cfg.bar_ms.max(1)) + 1)
+}
+
 /// The bars (one per run of equal bar start) of one symbol's accepted rows,
 /// in one pass over the column values. A plain loop rather than Arrow
 /// kernels per bar: with thousands of symbols a batch holds a row or two
@@ -451,16 +480,16 @@ fn bars_of(cols: &TradeColumns<'_>, accepted: &[u32], cfg: &WindowConfig, bars: 
     for &row in accepted {
         let row = row as usize;
         let (start, price, qty) = (cfg.bar_start(times[row]), prices[row], qtys[row]);
-        // Prices and quantities have at most 18 digits: a product fits an i128.
+        // `admit` checked that these sums stay within `sum_limit`.
         let (quote, bought) = (price * qty, if cols.buyer_is_maker.value(row) { 0 } else { qty });
         match bars.last_mut() {
             Some(bar) if bar.start == start => {
                 bar.high = bar.high.max(price);
                 bar.low = bar.low.min(price);
                 bar.close = price;
-                bar.volume = bar.volume.wrapping_add(qty);
-                bar.quote_volume = bar.quote_volume.wrapping_add(quote);
-                bar.buy_volume = bar.buy_volume.wrapping_add(bought);
+                bar.volume += qty;
+                bar.quote_volume += quote;
+                bar.buy_volume += bought;
                 bar.trades += 1;
             }
             _ => bars.push(Bar {
@@ -497,6 +526,24 @@ mod tests {
             });
         }
         builder.finish().unwrap()
+    }
+
+    #[test]
+    fn a_trade_that_would_overflow_its_bar_is_turned_away_and_the_bar_stays_exact() {
+        let cfg = WindowConfig::default();
+        let max = "9999999999.99999999";
+        let (pq, limit) = (decimal::parse(max).unwrap().pow(2), sum_limit(&cfg));
+        let fit = (limit / pq) as i64;
+        let mut rows: Vec<(&str, i64, &str, &str, i64, bool)> = (1..=fit + 2).map(|id| ("X", id, max, max, 1_000, false)).collect();
+        rows.push(("X", fit + 3, "1", "1", 2_000, false));
+        let mut state = PartitionState::default();
+        let out = state.apply(&batch(&rows), &cfg).unwrap();
+        assert_eq!(out.overflow_rows, [fit as usize, fit as usize + 1]);
+        assert_eq!(out.bars.len(), 1);
+        let bar = &out.bars[0].bar;
+        assert_eq!((bar.trades, bar.quote_volume), (fit as u64, pq * i128::from(fit)));
+        assert!(bar.quote_volume <= limit && (out.bars[0].vwap_long - out.bars[0].vwap_bar).abs() < 1e-6);
+        assert_eq!((state.counts.applied, state.counts.rejected), (fit as u64 + 1, 2));
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //! undisturbed run. Its own test binary, so no other test runs while the
 //! broker is down; it needs the broker of `scripts/services`.
 
+// The helpers of the integration tests (`tests/it/`); this test uses few of them.
+#[allow(dead_code)]
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{wait_for, Lane, ARCHIVE};
+use common::fixture::{ARCHIVE, TRADES};
+use common::{wait_for, Lane};
 use cryptopulse::replay::{self, ReplayOptions, Speed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,9 +42,9 @@ async fn broker_killed_and_restarted_mid_run_ends_identical() {
     assert!(restart.success(), "scripts/services kafka-restart --kill failed");
     assert!(!consumer.is_finished(), "the consumer must ride out the restart");
 
-    assert_eq!(replaying.await.unwrap().expect("replay survives the restart").trades, 15_863);
+    assert_eq!(replaying.await.unwrap().expect("replay survives the restart").trades, TRADES);
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
     let summary = consumer.stop().await;
-    assert_eq!((summary.counts.applied, summary.counts.duplicates), (15_863, 0));
+    assert_eq!((summary.counts.applied, summary.counts.duplicates), (TRADES, 0));
     assert_eq!(lane.digest().await.dump, want.dump);
 }

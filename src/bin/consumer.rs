@@ -36,22 +36,27 @@ struct Cli {
     #[arg(long, env = "CRYPTOPULSE_EXIT_AT_END")]
     exit_at_end: bool,
     /// Checkpoint at least this often while there is new data, in ms.
-    #[arg(long, env = "CRYPTOPULSE_CHECKPOINT_MS", default_value_t = 1000)]
+    #[arg(long, env = "CRYPTOPULSE_CHECKPOINT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     checkpoint_ms: u64,
     /// ... or after this many records, whichever comes first.
-    #[arg(long, env = "CRYPTOPULSE_CHECKPOINT_RECORDS", default_value_t = 100_000)]
+    #[arg(long, env = "CRYPTOPULSE_CHECKPOINT_RECORDS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     checkpoint_records: u64,
     /// Most records in one batch.
-    #[arg(long, env = "CRYPTOPULSE_BATCH_ROWS", default_value_t = 16_384)]
-    batch_rows: usize,
+    #[arg(long, env = "CRYPTOPULSE_BATCH_ROWS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    batch_rows: u32,
     /// How long a batch may wait for more records once the queue ran dry,
     /// counted from its first record, in ms. 0: never wait, ship what came.
-    #[arg(long, env = "CRYPTOPULSE_LINGER_MS", default_value_t = 0)]
+    #[arg(long, env = "CRYPTOPULSE_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     linger_ms: u64,
     /// Live mode: a bar is also final this many ms after its end without a
     /// newer trade of its symbol (wall clock). Off for replays and tests.
-    #[arg(long, env = "CRYPTOPULSE_IDLE_FINALIZE_MS")]
+    #[arg(long, env = "CRYPTOPULSE_IDLE_FINALIZE_MS", value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     idle_finalize_ms: Option<u64>,
+    /// A trade dated more than this ahead of this machine's clock is a dead
+    /// letter (`bad_time`), so one bad clock cannot make its symbol's later
+    /// trades late.
+    #[arg(long, env = "CRYPTOPULSE_FUTURE_TOLERANCE", default_value = "1h", value_parser = cli::duration_between::<1_000, 604_800_000>)]
+    future_tolerance: Duration,
 }
 
 #[tokio::main]
@@ -68,9 +73,10 @@ async fn main() -> anyhow::Result<()> {
         exit_at_end: args.exit_at_end,
         checkpoint_interval: Duration::from_millis(args.checkpoint_ms),
         checkpoint_records: args.checkpoint_records,
-        max_batch_rows: args.batch_rows,
+        max_batch_rows: args.batch_rows as usize,
         linger: Duration::from_millis(args.linger_ms),
         idle_finalize: args.idle_finalize_ms.map(Duration::from_millis),
+        future_tolerance: args.future_tolerance,
     };
     let summary = consumer::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;

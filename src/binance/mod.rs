@@ -68,7 +68,7 @@ fn validate(wire: WireTrade<'_>) -> Result<Trade<'_>, Rejection> {
     if !valid_symbol(&wire.symbol) {
         return Err(Rejection::new(Reject::BadSymbol, format!("symbol {:?}", wire.symbol)));
     }
-    if wire.id < 0 {
+    if !(0..MAX_ID).contains(&wire.id) {
         return Err(Rejection::new(Reject::BadId, format!("trade id {}", wire.id)));
     }
     if wire.time <= 0 {
@@ -97,8 +97,49 @@ fn json_rejection(err: serde_json::Error) -> Rejection {
     Rejection::new(reason, detail)
 }
 
-fn valid_symbol(symbol: &str) -> bool {
-    (1..=32).contains(&symbol.len()) && symbol.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+/// How far ahead of the checking process's clock a trade time may be
+/// (SPEC §1): one trade dated in the future would otherwise make every
+/// later trade of its symbol late.
+pub const DEFAULT_FUTURE_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Refuses a trade time more than `tolerance` ahead of `now_ms`.
+pub fn check_time(time_ms: i64, now_ms: i64, tolerance: std::time::Duration) -> Result<(), Rejection> {
+    let horizon = now_ms.saturating_add(i64::try_from(tolerance.as_millis()).unwrap_or(i64::MAX));
+    if time_ms > horizon {
+        let ahead = time_ms.saturating_sub(now_ms);
+        return Err(Rejection::new(
+            Reject::BadTime,
+            format!("trade time {time_ms} is {ahead} ms ahead of this clock (tolerance {tolerance:?})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch by this process's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Longest symbol, in characters (SPEC §1).
+pub const MAX_SYMBOL_CHARS: usize = 32;
+/// Trade ids are JSON numbers: below 2^53 every one is exact (SPEC §1).
+pub const MAX_ID: i64 = 1 << 53;
+
+/// 1 to [`MAX_SYMBOL_CHARS`] Unicode letters or digits, letters upper case
+/// where their script has case: Binance lists symbols outside ASCII, so
+/// `[A-Z0-9]+` would turn real trades away (SPEC §1).
+pub fn valid_symbol(symbol: &str) -> bool {
+    if symbol.is_ascii() {
+        return (1..=MAX_SYMBOL_CHARS).contains(&symbol.len()) && symbol.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    }
+    let mut chars = 0;
+    for c in symbol.chars() {
+        chars += 1;
+        if chars > MAX_SYMBOL_CHARS || !(c.is_numeric() || (c.is_alphabetic() && !c.is_lowercase())) {
+            return false;
+        }
+    }
+    chars > 0
 }
 
 fn positive(text: &str) -> Option<i128> {
@@ -235,6 +276,29 @@ mod tests {
     }
 
     #[test]
+    fn a_trade_time_beyond_the_tolerance_is_refused() {
+        let hour = DEFAULT_FUTURE_TOLERANCE;
+        assert!(check_time(1_000 + 3_600_000, 1_000, hour).is_ok());
+        let late = check_time(1_001 + 3_600_000, 1_000, hour).unwrap_err();
+        assert_eq!(late.reason, Reject::BadTime);
+        assert!(late.detail.contains("3600001 ms ahead"), "{}", late.detail);
+        assert!(check_time(i64::MAX, i64::MAX - 5, hour).is_ok());
+        assert_eq!(check_time(i64::MAX, 0, std::time::Duration::ZERO).unwrap_err().reason, Reject::BadTime);
+    }
+
+    #[test]
+    fn symbols_outside_ascii_are_trades() {
+        // Caseless scripts (Binance listed such symbols in 2025), upper-case
+        // letters of other scripts, digits.
+        for symbol in ["币安人生USDT", "ÄÖÜUSDT", "ΑΒΓUSDT", "1000PEPEUSDT", "Ⅻ12", &"币".repeat(MAX_SYMBOL_CHARS)] {
+            let payload = format!(r#"{{"e":"trade","s":"{symbol}","t":7,"p":"0.00000123","q":"2.5","T":1723161255342,"m":false}}"#);
+            let trade = decode(payload.as_bytes()).unwrap_or_else(|r| panic!("{symbol}: {r:?}"));
+            assert_eq!((trade.symbol.as_ref(), trade.id), (symbol, 7));
+        }
+        assert!(!valid_symbol("äöüusdt") && !valid_symbol("BTC/USDT") && !valid_symbol("BTC\u{200b}"));
+    }
+
+    #[test]
     fn rejects_bad_trades_with_a_reason() {
         let base = REAL_ETH;
         let cases: &[(String, Reject)] = &[
@@ -251,6 +315,14 @@ mod tests {
             (base.replace(r#""T":1723161255611,"#, ""), Reject::MissingField),
             (base.replace(r#""e":"trade""#, r#""e":"aggTrade""#), Reject::WrongEventType),
             (base.replace(r#""s":"ETHUSDT""#, r#""s":"ethusdt""#), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, r#""s":"ÄTHUSDt""#), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, r#""s":"ETH USDT""#), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, r#""s":"ETH\u0000""#), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, r#""s":"币安-USDT""#), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, &format!(r#""s":"{}""#, "币".repeat(33))), Reject::BadSymbol),
+            (base.replace(r#""s":"ETHUSDT""#, r#""s":"""#), Reject::BadSymbol),
+            (base.replace(r#""t":1520538925"#, r#""t":9007199254740992"#), Reject::BadId),
+            (base.replace(r#""t":1520538925"#, r#""t":9223372036854775807"#), Reject::BadId),
             (base.replace(r#""t":1520538925"#, r#""t":-1"#), Reject::BadId),
             (base.replace(r#""T":1723161255611"#, r#""T":0"#), Reject::BadTime),
             (base.replace(r#""m":true"#, r#""m":"yes""#), Reject::WrongType),

@@ -44,6 +44,10 @@ impl Loop {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                // The writer ends early only on an error; waiting for the
+                // next send to learn of it would leave an idle consumer
+                // stuck with a dead writer.
+                error = self.writer.stopped() => return Err(error),
                 event = rx.recv() => match event {
                     Some(SourceEvent::Batch { batches, rejected, polled_at }) => self.on_batch(batches, rejected, polled_at).await?,
                     Some(SourceEvent::End) | None => break,
@@ -70,11 +74,12 @@ impl Loop {
             partition.next_offset = batch.next_offset;
             self.dirty.insert(batch.partition);
             records += batch.offsets.len() as u64;
-            if !output.late_rows.is_empty() {
+            if !output.late_rows.is_empty() || !output.overflow_rows.is_empty() {
                 let cols = TradeColumns::new(&batch.trades)?;
-                for row in output.late_rows {
-                    self.dead_letters.send(&late_letter(&batch, &cols, row)).await?;
-                    telemetry::dead_letter(Reject::Late.as_str());
+                let late = output.late_rows.into_iter().map(|row| (row, Reject::Late));
+                for (row, reason) in late.chain(output.overflow_rows.into_iter().map(|row| (row, Reject::Overflow))) {
+                    self.dead_letters.send(&row_letter(&batch, &cols, row, reason)).await?;
+                    telemetry::dead_letter(reason.as_str());
                 }
             }
             bars.extend(output.bars);
@@ -150,11 +155,16 @@ fn count_applied(metrics: &ConsumerMetrics, before: &Counts, after: &Counts) {
     metrics.late.increment(after.late.saturating_sub(before.late));
 }
 
-fn late_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize) -> DeadLetter {
+/// A dead letter for a decoded trade the windows turned away.
+fn row_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize, reason: Reject) -> DeadLetter {
     let trade = cols.trade(row);
+    let why = match reason {
+        Reject::Late => "is for a bar already final",
+        _ => "would take its bar's sums past what they hold exactly",
+    };
     DeadLetter {
-        reason: Reject::Late,
-        detail: format!("trade {} of {} at {} is for a bar already final", trade.id, trade.symbol, trade.time_ms),
+        reason,
+        detail: format!("trade {} of {} at {} {why}", trade.id, trade.symbol, trade.time_ms),
         partition: batch.partition,
         offset: batch.offsets[row],
         key: Some(trade.symbol.as_bytes().to_vec()),

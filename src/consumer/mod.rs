@@ -20,11 +20,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::{FusedFuture, FutureExt};
 use rdkafka::consumer::Consumer;
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use crate::checkpoint::{CheckpointStore, PartitionCheckpoint};
+use crate::checkpoint::{CheckpointStore, Identity, PartitionCheckpoint};
 use crate::error::{Error, Result};
 use crate::kafka::{self, DeadLetters, KafkaArgs, REQUEST_TIMEOUT};
 use crate::sink::{RedisArgs, RedisSink};
@@ -55,6 +56,8 @@ pub struct ConsumerConfig {
     pub linger: Duration,
     /// Live mode: a bar is also final this long after its end without trades.
     pub idle_finalize: Option<Duration>,
+    /// How far ahead of this process's clock a trade time may be (SPEC §1).
+    pub future_tolerance: Duration,
 }
 
 /// What a run did.
@@ -81,11 +84,14 @@ const MAX_REBUILDS: u32 = 3;
 pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     config.window.validate()?;
     let started = Instant::now();
+    // Fused: a run that ends on an error after the shutdown came must not
+    // poll it again, and no rebuild starts once it came.
+    let shutdown = shutdown.fuse();
     tokio::pin!(shutdown);
     let mut rebuilds = 0;
     loop {
         match run_once(config.clone(), shutdown.as_mut()).await {
-            Err(Error::RedisDataLost { prefix }) if rebuilds < MAX_REBUILDS => {
+            Err(Error::RedisDataLost { prefix }) if rebuilds < MAX_REBUILDS && !shutdown.is_terminated() => {
                 error!(%prefix, "redis lost the consumer's data (restarted empty or flushed): rewinding to the start of the topic to write it again");
                 rewind(&config).await?;
                 rebuilds += 1;
@@ -102,9 +108,11 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
 
 async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     let store = Arc::new(open_store(&config).await?);
-    let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
     let consumer = Arc::new(source::create_consumer(&config)?);
-    let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions)?;
+    let partition_ids = kafka::partitions_of(consumer.as_ref(), &config.kafka.topic)?;
+    store.check_identity(&identity(&config, partition_ids.len()))?;
+    let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
+    let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions, &partition_ids)?;
     let mut sink = RedisSink::connect(
         &config.redis.target.url,
         &config.redis.target.prefix,
@@ -118,8 +126,12 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
 
     let (tx, rx) = mpsc::channel(2);
     let stop = kafka::stop_flag();
-    let source_options =
-        SourceOptions { max_rows: config.max_batch_rows, linger: config.linger, end_offsets: config.exit_at_end.then_some(end_offsets) };
+    let source_options = SourceOptions {
+        max_rows: config.max_batch_rows,
+        linger: config.linger,
+        end_offsets: config.exit_at_end.then_some(end_offsets),
+        future_tolerance: config.future_tolerance,
+    };
     let source = {
         let stop = stop.clone();
         std::thread::Builder::new()
@@ -181,6 +193,18 @@ async fn rewind(config: &ConsumerConfig) -> Result<()> {
     tokio::task::spawn_blocking(move || store.save(fresh.iter().map(|(p, c)| (*p, c))))
         .await
         .map_err(|e| Error::join("checkpoint thread", e))?
+}
+
+/// What the consumer's state depends on (SPEC §7).
+fn identity(config: &ConsumerConfig, partitions: usize) -> Identity {
+    let window = &config.window;
+    Identity {
+        topic: config.kafka.topic.clone(),
+        partitions,
+        bar_ms: window.bar_ms,
+        vwap_ms: window.vwap_ms,
+        rsi_period: window.rsi_period,
+    }
 }
 
 async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {

@@ -22,7 +22,7 @@ use crate::checkpoint::PartitionCheckpoint;
 use crate::crash_point::CrashPoint;
 use crate::error::{Error, Result};
 use crate::kafka::fetch::{FetchQueue, Record};
-use crate::kafka::{self, DeadLetter, KafkaArgs, REQUEST_TIMEOUT};
+use crate::kafka::{DeadLetter, KafkaArgs, REQUEST_TIMEOUT};
 use crate::telemetry;
 use crate::trade::TradeBatchBuilder;
 
@@ -125,18 +125,19 @@ pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientC
 /// its records come through.
 type Assigned = (HashMap<i32, i64>, HashMap<i32, i64>, SourceQueue);
 
-/// Assigns every partition of the topic at its checkpointed offset (or the
-/// beginning). Returns where each starts, where each ended at start, and
+/// Assigns `partitions`, every partition of the topic, each at its
+/// checkpointed offset (or the beginning). Returns where each starts, where each ended at start, and
 /// the queue their records come through.
 pub(super) fn assign(
     consumer: &Arc<SourceConsumer>,
     config: &ConsumerConfig,
     checkpoints: &BTreeMap<i32, PartitionCheckpoint>,
+    partitions: &[i32],
 ) -> Result<Assigned> {
     let topic = &config.kafka.topic;
     let mut list = TopicPartitionList::new();
     let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
-    for partition in kafka::partitions_of(consumer.as_ref(), topic)? {
+    for &partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
         let start = match checkpoints.get(&partition) {
             Some(c) if c.next_offset < low || c.next_offset > high => {
@@ -192,6 +193,8 @@ pub struct SourceOptions {
     pub linger: Duration,
     /// Per partition, the offset at which it is read to the end (`--exit-at-end`).
     pub end_offsets: Option<HashMap<i32, i64>>,
+    /// How far ahead of this process's clock a trade time may be.
+    pub future_tolerance: Duration,
 }
 
 #[derive(Default)]
@@ -259,6 +262,8 @@ fn poll_round(fetch: &mut SourceQueue, options: &SourceOptions, unfinished: &mut
     let mut rejected = Vec::new();
     let mut rows = 0;
     let mut first: Option<Instant> = None;
+    // One clock read per round: the future tolerance is an hour, not a millisecond.
+    let now_ms = binance::now_ms();
     loop {
         if let Some(e) = fetch.serve_events() {
             handle_error(e)?;
@@ -289,7 +294,7 @@ fn poll_round(fetch: &mut SourceQueue, options: &SourceOptions, unfinished: &mut
             // Bar latency is measured from here: one clock read per batch.
             first.get_or_insert_with(Instant::now);
             rows += 1;
-            take(&record, &mut pending, &mut rejected, unfinished);
+            take(&record, &mut pending, &mut rejected, unfinished, (now_ms, options.future_tolerance));
         }
         if rows >= options.max_rows {
             break;
@@ -310,14 +315,21 @@ fn handle_error(error: KafkaError) -> Result<()> {
 }
 
 /// Decodes one record into its partition's batch, or into a dead letter.
-fn take(record: &Record<'_>, pending: &mut BTreeMap<i32, Pending>, rejected: &mut Vec<DeadLetter>, unfinished: &mut BTreeMap<i32, i64>) {
+/// A trade time past `now_ms` by more than the tolerance is a dead letter.
+fn take(
+    record: &Record<'_>,
+    pending: &mut BTreeMap<i32, Pending>,
+    rejected: &mut Vec<DeadLetter>,
+    unfinished: &mut BTreeMap<i32, i64>,
+    (now_ms, tolerance): (i64, Duration),
+) {
     let (partition, offset, payload) = (record.partition, record.offset, record.payload);
     if unfinished.get(&partition).is_some_and(|end| offset + 1 >= *end) {
         unfinished.remove(&partition);
     }
     let slot = pending.entry(partition).or_default();
     slot.next_offset = offset + 1;
-    match binance::decode(payload) {
+    match binance::decode(payload).and_then(|trade| binance::check_time(trade.time_ms, now_ms, tolerance).map(|()| trade)) {
         Ok(trade) => {
             slot.builder.push(&trade);
             slot.offsets.push(offset);

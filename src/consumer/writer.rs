@@ -141,6 +141,19 @@ impl Writer {
         }
     }
 
+    /// Resolves when the writer task has ended before [`finish`](Self::finish),
+    /// which it does only on an error: that error.
+    pub async fn stopped(&mut self) -> Error {
+        let Some(task) = self.task.as_mut() else { return std::future::pending().await };
+        let ended = task.await;
+        self.task = None;
+        match ended {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => Error::task_failed("the consumer's writer", "stopped before its work was done"),
+            Err(e) => Error::join("the consumer's writer", e),
+        }
+    }
+
     /// Waits until everything sent is done; returns the checkpoints written.
     pub async fn finish(self) -> Result<u64> {
         let Writer { tx, task } = self;

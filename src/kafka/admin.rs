@@ -1,11 +1,13 @@
 //! Topic administration: the topics a run needs, created when missing, and
 //! the partitions of an existing one.
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+use tracing::warn;
 
 use super::{KafkaArgs, REQUEST_TIMEOUT};
 use crate::error::{Error, Result};
@@ -48,4 +50,35 @@ pub fn partitions_of<X: ConsumerContext, C: Consumer<X>>(consumer: &C, topic: &s
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
         _ => Err(Error::Config(format!("topic {topic:?} does not exist on the broker; create it (scripts/services up, or replay)"))),
     }
+}
+
+/// librdkafka's `message.max.bytes` when it is not set.
+const CLIENT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// Room kept in a record beside its payload: headers, key and framing.
+const RECORD_OVERHEAD: usize = 4096;
+
+/// The most payload bytes a record to `topic` may carry from a producer
+/// with `config`: the smaller of the client's `message.max.bytes` and the
+/// topic's `max.message.bytes` as the broker reports it, less room for
+/// headers and key. An account that may not describe the topic's
+/// configuration gets the client's limit, with a warning.
+pub async fn payload_room(config: &ClientConfig, topic: &str) -> usize {
+    let client = config.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(CLIENT_MESSAGE_MAX_BYTES);
+    let broker = match max_message_bytes(config, topic).await {
+        Ok(limit) => limit.unwrap_or(client),
+        Err(e) => {
+            warn!(%topic, error = %e, "cannot read the topic's max.message.bytes; going by the client's message.max.bytes");
+            client
+        }
+    };
+    client.min(broker).saturating_sub(RECORD_OVERHEAD)
+}
+
+/// The topic's `max.message.bytes`, if the broker says.
+async fn max_message_bytes(config: &ClientConfig, topic: &str) -> Result<Option<usize>> {
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| Error::kafka("admin client", e))?;
+    let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
+    let results =
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options).await.map_err(|e| Error::kafka("describe topic", e))?;
+    Ok(results.into_iter().flatten().find_map(|resource| resource.get("max.message.bytes")?.value.as_deref()?.parse().ok()))
 }

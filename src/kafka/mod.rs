@@ -40,12 +40,12 @@ pub struct KafkaArgs {
     #[arg(long, env = "CRYPTOPULSE_DLQ_TOPIC", default_value = DEFAULT_DLQ_TOPIC)]
     pub dlq_topic: String,
     /// Partitions of the raw topic when this program creates it.
-    #[arg(long, env = "CRYPTOPULSE_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    #[arg(long, env = "CRYPTOPULSE_PARTITIONS", default_value_t = DEFAULT_PARTITIONS, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
     /// Bytes kept per partition of the topics this program creates. Their
     /// time retention is off: record timestamps are trade times, and a
     /// replay of old trades would be deleted minutes after it was written.
-    #[arg(long, env = "CRYPTOPULSE_TOPIC_RETENTION_BYTES", default_value_t = DEFAULT_TOPIC_RETENTION_BYTES)]
+    #[arg(long, env = "CRYPTOPULSE_TOPIC_RETENTION_BYTES", default_value_t = DEFAULT_TOPIC_RETENTION_BYTES, value_parser = clap::value_parser!(i64).range(1 << 20..))]
     pub topic_retention_bytes: i64,
     /// Any librdkafka property, as kcat takes it: `-X key=value`, repeatable.
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value, env = "CRYPTOPULSE_KAFKA_PROPERTIES", value_delimiter = ';')]

@@ -30,10 +30,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::cli;
 use crate::error::{Error, Result};
-use crate::kafka::KafkaArgs;
+use crate::kafka::{admin, dead_letter, KafkaArgs};
+use crate::rejection::Reject;
 use crate::telemetry;
 use rest::RestLimits;
 pub use rest::DEFAULT_REST_URL;
@@ -52,35 +54,40 @@ pub struct StreamArgs {
     #[arg(long, env = "CRYPTOPULSE_REST_URL", default_value = DEFAULT_REST_URL)]
     pub rest_url: String,
     /// Streams per WebSocket connection (Binance allows 1024).
-    #[arg(long, env = "CRYPTOPULSE_STREAMS_PER_CONNECTION", default_value_t = MAX_STREAMS_PER_CONNECTION)]
-    pub streams_per_connection: usize,
+    #[arg(long, env = "CRYPTOPULSE_STREAMS_PER_CONNECTION", default_value_t = MAX_STREAMS_PER_CONNECTION as u16, value_parser = clap::value_parser!(u16).range(1..=MAX_STREAMS_PER_CONNECTION as i64))]
+    pub streams_per_connection: u16,
     /// Reconnect after this long without data or ping.
-    #[arg(long, env = "CRYPTOPULSE_SILENCE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CRYPTOPULSE_SILENCE_TIMEOUT", default_value = "30s", value_parser = cli::duration_between::<1_000, 3_600_000>)]
     pub silence_timeout: Duration,
     /// Replace each connection after this long, before Binance's 24-hour cut.
-    #[arg(long, env = "CRYPTOPULSE_CONNECTION_LIFETIME", default_value = "23h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CRYPTOPULSE_CONNECTION_LIFETIME", default_value = "23h", value_parser = cli::duration_between::<60_000, 86_400_000>)]
     pub connection_lifetime: Duration,
     /// Largest WebSocket frame accepted, in bytes.
-    #[arg(long, env = "CRYPTOPULSE_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
-    pub max_frame_bytes: usize,
+    #[arg(long, env = "CRYPTOPULSE_MAX_FRAME_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(1024..=64 << 20))]
+    pub max_frame_bytes: u32,
     /// REST request weight to spend per minute at most (Binance allows 6000).
-    #[arg(long, env = "CRYPTOPULSE_REST_WEIGHT_PER_MINUTE", default_value_t = 5000)]
+    #[arg(long, env = "CRYPTOPULSE_REST_WEIGHT_PER_MINUTE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(25..=6000))]
     pub rest_weight_per_minute: u32,
     /// Most trades fetched over REST for one gap.
-    #[arg(long, env = "CRYPTOPULSE_MAX_GAP_FILL", default_value_t = 1_000_000)]
+    #[arg(long, env = "CRYPTOPULSE_MAX_GAP_FILL", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(0..=1_000_000_000))]
     pub max_gap_fill: i64,
+    /// A trade dated more than this ahead of this machine's clock is a dead
+    /// letter (`bad_time`).
+    #[arg(long, env = "CRYPTOPULSE_FUTURE_TOLERANCE", default_value = "1h", value_parser = cli::duration_between::<1_000, 604_800_000>)]
+    pub future_tolerance: Duration,
 }
 
 impl StreamArgs {
     pub fn config(&self) -> StreamConfig {
         let symbols = self.symbols.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect();
         let mut config = StreamConfig::new(symbols, &self.ws_url, &self.rest_url);
-        config.streams_per_connection = self.streams_per_connection;
+        config.streams_per_connection = usize::from(self.streams_per_connection);
         config.silence_timeout = self.silence_timeout;
         config.connection_lifetime = self.connection_lifetime;
-        config.max_frame_bytes = self.max_frame_bytes;
+        config.max_frame_bytes = self.max_frame_bytes as usize;
         config.rest_limits = RestLimits { weight_per_minute: self.rest_weight_per_minute, ..RestLimits::default() };
         config.max_gap_fill = self.max_gap_fill;
+        config.future_tolerance = self.future_tolerance;
         config
     }
 }
@@ -132,7 +139,8 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     }
     config.kafka.ensure_topics().await?;
     config.kafka.ensure(&[(&config.gaps_topic, 1)]).await?;
-    let producer: FutureProducer = config.kafka.producer_config()?.create().map_err(|e| Error::kafka("producer", e))?;
+    let producer_config = config.kafka.producer_config()?;
+    let producer: FutureProducer = producer_config.create().map_err(|e| Error::kafka("producer", e))?;
     let (kafka, symbols, scan) = (config.kafka.clone(), config.stream.symbols.clone(), config.tail_scan_records);
     let last =
         tokio::task::spawn_blocking(move || tail::last_ids(&kafka, &symbols, scan)).await.map_err(|e| Error::join("tail reader", e))??;
@@ -151,6 +159,8 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
         raw_topic: config.kafka.topic.as_str().into(),
         dlq_topic: config.kafka.dlq_topic.as_str().into(),
         gaps_topic: config.gaps_topic.as_str().into(),
+        raw_room: admin::payload_room(&producer_config, &config.kafka.topic).await,
+        dlq_room: admin::payload_room(&producer_config, &config.kafka.dlq_topic).await,
         in_flight: VecDeque::new(),
         summary: ProducerSummary::default(),
     };
@@ -172,6 +182,9 @@ struct Publisher {
     raw_topic: Arc<str>,
     dlq_topic: Arc<str>,
     gaps_topic: Arc<str>,
+    /// The most payload bytes a record to the raw and the dead-letter topic may carry.
+    raw_room: usize,
+    dlq_room: usize,
     /// Deliveries not yet acknowledged, oldest first, with what they are.
     in_flight: VecDeque<(DeliveryFuture, Sent)>,
     summary: ProducerSummary,
@@ -187,18 +200,21 @@ enum Sent {
 
 impl Sink for Publisher {
     async fn trade(&mut self, symbol: &str, event: &[u8], time_ms: i64, from_rest: bool) -> Result<()> {
+        if event.len() > self.raw_room {
+            warn!(%symbol, bytes = event.len(), limit = self.raw_room, "a trade too large for the raw topic goes to the dead-letter topic");
+            let detail = format!("{} bytes, the raw topic takes {}", event.len(), self.raw_room);
+            return self.dead_letter(Reject::TooLarge.as_str(), &detail, event).await;
+        }
         let headers = from_rest.then(|| OwnedHeaders::new().insert(Header { key: "source", value: Some("rest") }));
         let topic = self.raw_topic.clone();
         self.send(&topic, Some(symbol), event, headers, Some(time_ms), Sent::Trade { from_rest }).await
     }
 
     async fn dead_letter(&mut self, reason: &str, detail: &str, raw: &[u8]) -> Result<()> {
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "reason", value: Some(reason) })
-            .insert(Header { key: "detail", value: Some(detail) })
-            .insert(Header { key: "source", value: Some("websocket") });
+        let (headers, payload) = dead_letter::describe(reason, detail, raw, self.dlq_room);
+        let headers = headers.insert(Header { key: "source", value: Some("websocket") });
         let topic = self.dlq_topic.clone();
-        self.send(&topic, None, raw, Some(headers), None, Sent::DeadLetter).await
+        self.send(&topic, None, payload, Some(headers), None, Sent::DeadLetter).await
     }
 
     /// Records ids `from..=to` of `symbol` on the gaps topic.

@@ -4,7 +4,7 @@
 //! before newer ones, and hands the result to a [`Sink`]: Kafka for the
 //! producer, Parquet archives for `record`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -16,7 +16,10 @@ use super::connection::{self, Event, SlotConfig};
 use super::rest::{self, Rest, RestLimits};
 use crate::binance::{self, Frame};
 use crate::error::Result;
+use crate::kafka::dead_letter::{capped, MAX_DETAIL_BYTES};
+use crate::rejection::{Reject, Rejection};
 use crate::telemetry;
+use crate::trade::Trade;
 
 /// Binance serves at most this many streams on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: usize = 1024;
@@ -59,6 +62,8 @@ pub struct StreamConfig {
     /// Most trades fetched over REST for one gap; the rest of a longer gap
     /// is recorded as unfilled.
     pub max_gap_fill: i64,
+    /// How far ahead of this machine's clock a trade time may be (SPEC §1).
+    pub future_tolerance: Duration,
 }
 
 impl StreamConfig {
@@ -74,6 +79,7 @@ impl StreamConfig {
             connection_lifetime: Duration::from_secs(23 * 3600),
             rest_limits: RestLimits::default(),
             max_gap_fill: 1_000_000,
+            future_tolerance: binance::DEFAULT_FUTURE_TOLERANCE,
         }
     }
 }
@@ -108,6 +114,8 @@ pub async fn stream<S: Sink>(
         rest: Rest::new(&config.rest_url, config.rest_limits.clone())?,
         last,
         max_gap_fill: config.max_gap_fill,
+        subscribed: config.symbols.iter().cloned().collect(),
+        future_tolerance: config.future_tolerance,
         counts: StreamCounts::default(),
     };
     let (events, mut frames) = mpsc::channel(FRAME_QUEUE);
@@ -142,6 +150,9 @@ struct Sequencer<'a, S> {
     /// Last trade id passed to the sink per symbol.
     last: HashMap<String, i64>,
     max_gap_fill: i64,
+    /// What it follows: a trade of any other symbol is a dead letter.
+    subscribed: HashSet<String>,
+    future_tolerance: Duration,
     counts: StreamCounts,
 }
 
@@ -172,16 +183,29 @@ impl<S: Sink> Sequencer<'_, S> {
         }
     }
 
+    /// What the decoder cannot know: whether the symbol is one this
+    /// producer follows, and whether the trade time is plausible now.
+    fn check(&self, trade: &Trade<'_>) -> Result<(), Rejection> {
+        if !self.subscribed.contains(trade.symbol.as_ref()) {
+            let detail = format!("symbol {:?} is not one this producer subscribed to", trade.symbol);
+            return Err(Rejection::new(Reject::UnknownSymbol, detail));
+        }
+        binance::check_time(trade.time_ms, binance::now_ms(), self.future_tolerance)
+    }
+
     async fn on_frame(&mut self, text: &str) -> Result<()> {
         let decoded = binance::unwrap_frame(text).and_then(|frame| match frame {
-            Frame::Trade(bytes) => binance::decode(bytes).map(|t| Some((t.symbol.into_owned(), t.id, t.time_ms, bytes))),
+            Frame::Trade(bytes) => binance::decode(bytes)
+                .and_then(|t| self.check(&t).map(|()| t))
+                .map(|t| Some((t.symbol.into_owned(), t.id, t.time_ms, bytes))),
             _ => Ok(None),
         });
         let (symbol, id, time_ms, payload) = match decoded {
             Ok(Some(trade)) => trade,
             Ok(None) => return Ok(()),
             Err(rejection) => {
-                warn!(reason = %rejection.reason, detail = %rejection.detail, "frame is not a usable trade");
+                let detail = capped(&rejection.detail, MAX_DETAIL_BYTES);
+                warn!(reason = %rejection.reason, %detail, "frame is not a usable trade");
                 return self.sink.dead_letter(rejection.reason.as_str(), &rejection.detail, text.as_bytes()).await;
             }
         };

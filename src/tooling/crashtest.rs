@@ -245,13 +245,15 @@ impl Harness<'_> {
 
     /// SIGKILLs the consumer at a seeded instant: a third of the time during
     /// startup, otherwise while it reads its slice. If it finishes first, it
-    /// is tried again (now caught up, so during startup).
+    /// is tried again (now caught up, so during startup), within the time
+    /// the run that got away took.
     async fn kill_round(&mut self, records: u64) -> Result<()> {
         let reading = self.per_record * u32::try_from(records).unwrap_or(u32::MAX);
-        let max_startup = self.startup;
-        let startup = |rng: &mut SplitMix64| Kill::AfterSpawn(rng.up_to(max_startup));
-        let mut kill =
-            if reading.is_zero() || self.rng.below(3) == 0 { startup(&mut self.rng) } else { Kill::AfterStarted(self.rng.up_to(reading)) };
+        let mut kill = if reading.is_zero() || self.rng.below(3) == 0 {
+            Kill::AfterSpawn(self.rng.up_to(self.startup))
+        } else {
+            Kill::AfterStarted(self.rng.up_to(reading))
+        };
         for _ in 0..KILL_ATTEMPTS {
             let exit = supervise(command(self.config, &self.lane, None), Some(kill)).await?;
             if exit.killed {
@@ -261,7 +263,11 @@ impl Harness<'_> {
             }
             check_ok(&exit)?;
             self.report.kills_missed += 1;
-            kill = startup(&mut self.rng);
+            // The run ended before its kill: the machine may be less busy
+            // than when startup was measured (the tests run beside other
+            // tests). The next delay is drawn within what this run took.
+            self.startup = self.startup.min(exit.took);
+            kill = Kill::AfterSpawn(self.rng.up_to(exit.took));
         }
         Err(Error::task_failed("crash test", format!("no kill landed in {KILL_ATTEMPTS} attempts: the consumer keeps finishing first")))
     }

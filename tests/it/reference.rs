@@ -13,9 +13,7 @@ use cryptopulse::sink::fields_of;
 use cryptopulse::window::{FinalBar, PartitionState, WindowConfig};
 use rust_decimal::Decimal;
 
-const FRAMES: &str = "fixtures/binance-spot-trades-2024-08-08.txt.gz";
-const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
-const EXPECTED: &str = "fixtures/expected-bars-2024-08-08.jsonl";
+use crate::common::fixture::{self, ARCHIVE, EXPECTED, FRAMES};
 
 /// One reference bar: every value as an exact decimal.
 #[derive(Debug, Clone)]
@@ -188,7 +186,7 @@ fn every_final_bar_matches_exact_decimal_arithmetic() {
     let reference = reference();
     let bars = computed(4096);
     assert_eq!(bars.len(), reference.len(), "number of final bars");
-    assert!(bars.len() > 600);
+    assert_eq!(bars.len() as u64, fixture::BARS);
     for bar in &bars {
         let want = reference.get(&(bar.symbol.clone(), bar.end)).unwrap_or_else(|| panic!("unexpected bar {} {}", bar.symbol, bar.end));
         assert_bar(bar, want);

@@ -3,14 +3,13 @@
 //! end is that far behind the wall clock, and a trade for that second
 //! which comes afterwards is late (SPEC §3, §5).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::Lane;
 use cryptopulse::consumer;
 use redis::AsyncCommands;
+
+use crate::common::{wait_for, Lane};
 
 const SYMBOL: &str = "LIVEUSDT";
 
@@ -39,7 +38,7 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
 
     let mut redis = lane.redis().await;
     let latest = format!("{}:latest:{SYMBOL}", lane.redis.target.prefix);
-    common::wait_for(|| {
+    wait_for(|| {
         let (mut redis, latest) = (redis.clone(), latest.clone());
         async move { redis.exists::<_, bool>(&latest).await.unwrap() }
     })

@@ -2,15 +2,15 @@
 //! serve, a second consumer on the same state, and Redis that stops
 //! answering for a while (a private redis-server, paused with SIGSTOP).
 
-mod common;
-
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_for, Lane};
 use cryptopulse::checkpoint::{CheckpointStore, PartitionCheckpoint};
 use cryptopulse::consumer;
+
+use crate::common::fixture::{self, TRADES};
+use crate::common::{wait_for, Lane};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_the_broker_cannot_serve_is_a_clear_error() {
@@ -41,7 +41,7 @@ async fn a_second_consumer_on_the_same_state_dir_is_refused() {
     // carries a later run to the end of the topic.
     first.stop().await;
     let summary = lane.consume(state.path()).await;
-    assert_eq!(summary.counts.applied, 15_863);
+    assert_eq!(summary.counts.applied, TRADES);
 }
 
 /// A redis-server of this test's own, on a free loopback port.
@@ -113,7 +113,7 @@ async fn redis_paused_30_s_mid_run_ends_identical_to_an_undisturbed_run() {
     redis.signal("-CONT");
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
     let summary = consumer.stop().await;
-    assert_eq!(summary.counts.applied, 15_863);
+    assert_eq!(summary.counts.applied, TRADES);
     assert_eq!(lane.digest().await.dump, want.dump);
 }
 
@@ -125,18 +125,17 @@ async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
     let port = redis.port();
     let mut lane = Lane::new("amnesia");
     lane.redis.target.url = redis.url.clone();
-    let middle = 1_723_161_400_000;
-    lane.replay(None, Some(middle)).await;
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
     let state = tempfile::tempdir().unwrap();
     let consumer = lane.spawn_consumer(state.path());
     // The first half is in Redis; then Redis dies and comes back empty.
-    wait_for(|| async { lane.digest().await.keys == 16 }).await;
+    wait_for(|| async { lane.digest().await.keys == fixture::KEYS }).await;
     drop(redis);
     let _redis = PrivateRedis::start_on(port);
-    lane.replay(Some(middle), None).await;
+    lane.replay(Some(fixture::MIDDLE_MS), None).await;
     wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
     let summary = consumer.stop().await;
     assert_eq!(summary.rebuilds, 1);
-    assert_eq!(summary.counts.applied, 15_863);
+    assert_eq!(summary.counts.applied, TRADES);
     assert_eq!(lane.digest().await.dump, want.dump);
 }

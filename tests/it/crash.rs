@@ -2,17 +2,15 @@
 //! aborted at every named crash point, leaves Redis identical to a run that
 //! never crashed. `CRYPTOPULSE_CRASH_SEED` replays a failing seed.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{Lane, ARCHIVE};
 use cryptopulse::crash_point::CrashPoint;
 use cryptopulse::tooling::crashtest::{self, Cadence, CrashConfig};
 
+use crate::common::fixture::{ARCHIVE, BARS};
+use crate::common::Lane;
+
 const KILLS: u32 = 25;
-/// Bars the fixture makes (as in tests/pipeline.rs).
-const FIXTURE_BARS: usize = 663;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_and_crash_points_leave_redis_identical_to_an_uncrashed_run() {
@@ -40,7 +38,7 @@ async fn sigkills_and_crash_points_leave_redis_identical_to_an_uncrashed_run() {
     assert_eq!((report.missing, report.extra), (0, 0), "bars missing / extra, seed {seed}");
     assert!(report.kills_done >= KILLS, "{report}");
     assert_eq!(report.crash_points_hit, CrashPoint::ALL, "every named crash point must fire, seed {seed}");
-    assert_eq!(report.bars, FIXTURE_BARS, "the reference run wrote every bar of the fixture");
+    assert_eq!(report.bars, BARS as usize, "the reference run wrote every bar of the fixture");
     // One injected bad record per slice, each dead-lettered with its source.
     assert!(report.dead_letters > KILLS as usize, "{report}");
     assert_eq!((report.dead_letters_missing, report.dead_letters_extra), (0, 0), "dead letters missing / extra, seed {seed}");

@@ -2,19 +2,18 @@
 //! query is sent to the real Redis exactly as the redis-datasource plugin
 //! (2.2.0) sends it, after the fixtures went through the pipeline, and the
 //! answer must have the shape its panel needs. Every Prometheus panel query
-//! names only metrics that `src/metrics.rs` declares. Also static checks of
+//! names only metrics that `src/telemetry.rs` declares. Also static checks of
 //! `grafana/` and the compose file: each dashboard on one provisioned data
 //! source, the paths Grafana reads are the ones compose mounts, and no
 //! secret in the repository.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::Lane;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
+
+use crate::common::Lane;
 
 /// The key prefix the dashboards are written for; a test lane has its own.
 const PREFIX: &str = "cryptopulse";
@@ -431,7 +430,7 @@ async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
 /// PromQL functions and keywords the Pipeline dashboard may use.
 const PROMQL_WORDS: [&str; 10] = ["sum", "rate", "increase", "histogram_quantile", "by", "without", "max", "min", "avg", "le"];
 
-/// Metric names in a PromQL expression that `src/metrics.rs` does not
+/// Metric names in a PromQL expression that `src/telemetry.rs` does not
 /// declare (a histogram's `_bucket`, `_count` and `_sum` series count as
 /// declared), and words that are neither a known function nor a metric.
 fn undeclared_metrics(expr: &str) -> Vec<String> {
@@ -513,7 +512,7 @@ fn the_pipeline_dashboard_queries_every_declared_metric_and_nothing_else() {
     for (panel, expr) in &exprs {
         assert!(expr.contains("cryptopulse_"), "{panel}: {expr:?} reads no cryptopulse metric");
         let unknown = undeclared_metrics(expr);
-        assert!(unknown.is_empty(), "{panel}: {expr} names {unknown:?}, which src/metrics.rs does not declare");
+        assert!(unknown.is_empty(), "{panel}: {expr} names {unknown:?}, which src/telemetry.rs does not declare");
     }
     // Every series the services export has a panel.
     for name in cryptopulse::telemetry::ALL {

@@ -3,12 +3,10 @@
 //! Grafana is not installable here (no Debian package, no Docker): its
 //! check is exercised on a closed port only.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::prometheus::{free_addr, spawn_consumer, Prometheus};
-use common::{wait_for, Lane};
+use crate::common::prometheus::{free_addr, spawn_consumer, Prometheus};
+use crate::common::{wait_for, Lane};
 
 fn doctor(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_doctor")).args(args).args(["--timeout-secs", "3"]).output().expect("doctor binary")

@@ -1,8 +1,7 @@
 //! Shared setup of the tests that cross a process boundary: the real broker
 //! and Redis that `scripts/test` starts, a fresh topic, dead-letter topic,
-//! key prefix and state directory per test, so tests run in parallel.
-
-#![allow(dead_code)]
+//! key prefix and state directory per test, so tests run in parallel; and
+//! the facts of the fixtures, declared once.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,8 +19,27 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-pub const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
-pub const EXPECTED: &str = "fixtures/expected-bars-2024-08-08.jsonl";
+pub mod prometheus;
+
+/// What the fixtures hold, for every test that relies on it.
+pub mod fixture {
+    /// 2024-08-08's BTCUSDT and ETHUSDT trades, archived.
+    pub const ARCHIVE: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
+    /// The same trades as the WebSocket frames they were recorded from.
+    pub const FRAMES: &str = "fixtures/binance-spot-trades-2024-08-08.txt.gz";
+    /// Every final bar of those trades, one JSON object a line.
+    pub const EXPECTED: &str = "fixtures/expected-bars-2024-08-08.jsonl";
+    /// Trades in the archive.
+    pub const TRADES: u64 = 15_863;
+    /// Final bars they make.
+    pub const BARS: u64 = 663;
+    /// Redis keys those bars leave under a prefix: the marker, the symbols
+    /// set, and per symbol the latest hash, the stream and five sorted sets.
+    pub const KEYS: usize = 2 + 2 * 7;
+    /// A trade time (ms) inside the archive's span (1_723_161_255_342 to
+    /// 1_723_161_601_271), with trades on either side of it.
+    pub const MIDDLE_MS: i64 = 1_723_161_400_000;
+}
 
 fn env(name: &str) -> String {
     std::env::var(name)
@@ -30,6 +48,22 @@ fn env(name: &str) -> String {
 
 /// A dead-letter record read back: headers as pairs, and the payload.
 pub type Letter = (Vec<(String, String)>, Vec<u8>);
+
+/// The name of a lane of test `test` in process `pid`: the one place it is
+/// made. `scripts/services clean-tests` reads the pid back out of it (its
+/// `LANE_RE`; `services::lane_names_are_what_clean_tests_matches` keeps the
+/// two in step).
+pub fn lane_name(test: &str, pid: u32, seq: u32, nanos: u32) -> String {
+    assert!(
+        !test.is_empty() && test.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+        "a lane's test name is lowercase letters, digits and dashes: {test:?}"
+    );
+    format!("t-{test}-{pid}-{seq}-{nanos}")
+}
+
+fn topic_of(lane: &str, suffix: &str) -> String {
+    format!("{lane}.{suffix}")
+}
 
 /// A topic, dead-letter topic and Redis prefix of its own.
 #[derive(Debug, Clone)]
@@ -40,15 +74,20 @@ pub struct Lane {
 }
 
 impl Lane {
+    /// A lane of this process no other lane shares.
     pub fn new(test: &str) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let name = format!("t-{test}-{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), nanos % 1_000_000_000);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        Lane::named(lane_name(test, std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), nanos))
+    }
+
+    /// The lane called `name`: topics `<name>.raw` and `<name>.dlq`, Redis prefix `<name>`.
+    pub fn named(name: String) -> Self {
         Lane {
             kafka: KafkaArgs {
                 brokers: env("CRYPTOPULSE_BROKERS"),
-                topic: format!("{name}.raw"),
-                dlq_topic: format!("{name}.dlq"),
+                topic: topic_of(&name, "raw"),
+                dlq_topic: topic_of(&name, "dlq"),
                 partitions: 6,
                 topic_retention_bytes: cryptopulse::kafka::DEFAULT_TOPIC_RETENTION_BYTES,
                 properties: Vec::new(),
@@ -61,6 +100,11 @@ impl Lane {
             },
             name,
         }
+    }
+
+    /// Another topic of the lane: `<name>.<suffix>`.
+    pub fn topic(&self, suffix: &str) -> String {
+        topic_of(&self.name, suffix)
     }
 
     /// Sends `payloads` to the raw topic as they are, keyed `key`, each
@@ -81,8 +125,14 @@ impl Lane {
     }
 
     pub async fn replay(&self, from_ms: Option<i64>, to_ms: Option<i64>) -> ReplaySummary {
-        let options =
-            ReplayOptions { files: vec![PathBuf::from(ARCHIVE)], speed: Speed::Max, symbols: None, from_ms, to_ms, progress: false };
+        let options = ReplayOptions {
+            files: vec![PathBuf::from(fixture::ARCHIVE)],
+            speed: Speed::Max,
+            symbols: None,
+            from_ms,
+            to_ms,
+            progress: false,
+        };
         replay::run(&self.kafka, options).await.expect("replay")
     }
 
@@ -99,6 +149,7 @@ impl Lane {
             max_batch_rows: 4096,
             linger: Duration::ZERO,
             idle_finalize: None,
+            future_tolerance: cryptopulse::binance::DEFAULT_FUTURE_TOLERANCE,
         }
     }
 
@@ -199,4 +250,3 @@ where
     }
     panic!("condition not met within 60 s");
 }
-pub mod prometheus;

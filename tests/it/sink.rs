@@ -4,8 +4,6 @@
 //! retention keeps exactly the bars from the cutoff of each symbol's newest
 //! bar, rounded down to the retention's granule.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +14,8 @@ use cryptopulse::tooling::digest::{self, Digest};
 use cryptopulse::window::{FinalBar, PartitionState, WindowConfig};
 use redis::AsyncCommands;
 
+use crate::common::{fixture, Lane};
+
 /// Shorter than the fixtures' 345 s, and not a multiple of the bar width.
 const RETENTION_MS: i64 = 250_000;
 
@@ -23,7 +23,7 @@ fn fixture_bars() -> Vec<FinalBar> {
     let cfg = WindowConfig::default();
     let mut state = PartitionState::default();
     let mut bars = Vec::new();
-    for batch in archive::open(Path::new(common::ARCHIVE), 1000).expect("fixtures") {
+    for batch in archive::open(Path::new(fixture::ARCHIVE), 1000).expect("fixtures") {
         bars.extend(state.apply(&batch.expect("batch"), &cfg).expect("apply").bars);
     }
     bars
@@ -35,7 +35,7 @@ fn url() -> String {
 
 /// Writes `calls` (each a slice of bars, one `write` each) under a fresh prefix.
 async fn written(test: &str, retention_ms: i64, calls: &[&[FinalBar]]) -> (String, Digest) {
-    let prefix = common::Lane::new(test).name;
+    let prefix = Lane::new(test).name;
     let names = WindowConfig::default().names();
     let mut sink = RedisSink::connect(&url(), &prefix, names, retention_ms, Duration::from_secs(10)).await.expect("redis");
     sink.check_marker(false).await.expect("marker");
@@ -61,7 +61,7 @@ fn cut<'a>(bars: &'a [FinalBar], points: &[usize]) -> Vec<&'a [FinalBar]> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bars_written_in_any_cut_or_again_leave_the_same_redis() {
     let bars = fixture_bars();
-    assert_eq!(bars.len(), 663);
+    assert_eq!(bars.len() as u64, fixture::BARS);
     for retention_ms in [24 * 3600 * 1000, RETENTION_MS] {
         let (_, whole) = written("sink-whole", retention_ms, &[&bars]).await;
         let one_by_one: Vec<&[FinalBar]> = bars.chunks(1).collect();

@@ -7,8 +7,6 @@
 //! serves every trade already released. Each new connection takes the next
 //! scripted [`Behaviour`].
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::BufRead;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-const FRAMES: &str = "fixtures/binance-spot-trades-2024-08-08.txt.gz";
+use crate::common::fixture::FRAMES;
 
 /// What one connection does after `after` frames were sent on it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,8 +35,11 @@ pub enum Behaviour {
     Pings { after: usize, pings: usize },
     /// Announces `serverShutdown`, streams on for two seconds, then closes.
     Shutdown { after: usize },
-    /// Sends a 2 MiB text frame.
-    Oversized { after: usize },
+    /// Sends a text frame of `bytes` that is no JSON.
+    Oversized { after: usize, bytes: usize },
+    /// Sends the next trade's frame early, padded with an unknown key to
+    /// `bytes`: a valid trade, too large for a Kafka record.
+    Padded { after: usize, bytes: usize },
     /// Sends a frame that is not JSON, then streams on.
     Malformed { after: usize },
     /// Answers the SUBSCRIBE request with an error and sends nothing else.
@@ -61,10 +62,12 @@ pub struct Seen {
     pub subscriptions: usize,
     /// Pongs answering the pings of [`Behaviour::Pings`].
     pub pongs: usize,
-    pub rest_requests: usize,
     pub rest_throttled: usize,
     /// When each connection's client sent each of its text messages.
     pub requests: HashMap<usize, Vec<std::time::Instant>>,
+    /// The trades sent padded ([`Behaviour::Padded`]): symbol, id and the
+    /// event (the frame's `data`) as sent.
+    pub padded: Vec<(String, i64, String)>,
 }
 
 struct Shared {
@@ -225,7 +228,6 @@ async fn rest(shared: Arc<Shared>, mut stream: TcpStream) {
     let line = String::from_utf8_lossy(&request).lines().next().unwrap_or_default().to_owned();
     let query = line.split_whitespace().nth(1).and_then(|path| path.split_once('?')).map(|(_, q)| q.to_owned()).unwrap_or_default();
     let params: HashMap<&str, &str> = query.split('&').filter_map(|pair| pair.split_once('=')).collect();
-    shared.seen.lock().unwrap().rest_requests += 1;
     let throttled = shared.throttle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let response = if shared.rest_down.load(Ordering::SeqCst) {
         "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
@@ -346,8 +348,19 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
                     close_at = Some(tokio::time::Instant::now() + Duration::from_secs(2));
                     true
                 }
-                Behaviour::Oversized { after } if sent == after => {
-                    let _ = sink.send(Message::text("x".repeat(2 << 20))).await;
+                Behaviour::Oversized { after, bytes } if sent == after => {
+                    let _ = sink.send(Message::text("x".repeat(bytes))).await;
+                    true
+                }
+                Behaviour::Padded { after, bytes } if sent == after => {
+                    let subscribed = streams.lock().unwrap().clone();
+                    if let Some(frame) = shared.frames[next..].iter().find(|f| subscribed.contains(&f.stream)) {
+                        let mut value: serde_json::Value = serde_json::from_str(&frame.text).unwrap();
+                        value["data"]["pad"] = serde_json::Value::from("x".repeat(bytes.saturating_sub(frame.text.len() + 10)));
+                        let event = value["data"].to_string();
+                        shared.seen.lock().unwrap().padded.push((frame.symbol.clone(), frame.id, event));
+                        let _ = sink.send(Message::text(value.to_string())).await;
+                    }
                     true
                 }
                 Behaviour::Malformed { after } if sent == after => {

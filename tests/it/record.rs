@@ -3,22 +3,19 @@
 //! on the live sources: Binance's streams (a fake one here) with the gap
 //! filled from REST, and the Kafka topic, both rotating archives.
 
-mod common;
-mod fake_binance;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{wait_for, Lane};
 use cryptopulse::archive::{self, ArchiveSummary, ArchiveWriter, SymbolIds};
 use cryptopulse::producer::StreamConfig;
 use cryptopulse::record::{self, live};
 use cryptopulse::trade::TradeColumns;
-use fake_binance::{Behaviour, FakeBinance};
 
-const FRAMES: &str = "fixtures/binance-spot-trades-2024-08-08.txt.gz";
+use crate::common::fixture::{ARCHIVE, FRAMES, TRADES};
+use crate::common::{wait_for, Lane};
+use crate::fake_binance::{Behaviour, FakeBinance};
 
 #[test]
 fn records_the_fixture_frames_with_id_metadata() {
@@ -26,13 +23,13 @@ fn records_the_fixture_frames_with_id_metadata() {
     let recorded = record::record_frames(&[FRAMES.into()], out.path()).unwrap();
     let archive = out.path().join("binance-spot-trades-2024-08-08.parquet");
     assert_eq!(recorded[0].output, archive);
-    assert_eq!((recorded[0].rejected, recorded[0].summary.rows), (0, 15_863));
+    assert_eq!((recorded[0].rejected, recorded[0].summary.rows), (0, TRADES));
     let summary = ArchiveSummary::read(&archive).unwrap();
     assert_eq!(summary, recorded[0].summary);
     assert_eq!(summary.symbols["BTCUSDT"], SymbolIds { first: 3_735_683_259, last: 3_735_693_015, count: 9_757, missing: vec![] });
     assert_eq!(summary.symbols["ETHUSDT"], SymbolIds { first: 1_520_538_925, last: 1_520_545_030, count: 6_106, missing: vec![] });
     let rows: usize = archive::open(&archive, 1000).unwrap().map(|b| b.unwrap().num_rows()).sum();
-    assert_eq!(rows, 15_863);
+    assert_eq!(rows as u64, TRADES);
     let leftovers: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 }
@@ -68,7 +65,7 @@ fn bad_lines_are_reported_beside_the_archive_and_gaps_recorded() {
 fn an_unfinished_archive_never_appears_under_its_final_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("partial.parquet");
-    let batch = archive::open(Path::new("fixtures/binance-spot-trades-2024-08-08.parquet"), 100).unwrap().next().unwrap().unwrap();
+    let batch = archive::open(Path::new(ARCHIVE), 100).unwrap().next().unwrap().unwrap();
     let mut writer = ArchiveWriter::create(&path).unwrap();
     writer.write(&batch).unwrap();
     drop(writer); // a recorder killed before finish
@@ -151,12 +148,12 @@ async fn recording_the_topic_leaves_duplicates_out_and_resumes_from_committed_of
         .unwrap()
         .expect("record");
     let rows: u64 = first.archives.iter().map(|(_, s)| s.rows).sum();
-    assert_eq!((rows, first.duplicates, first.rejected, first.unfilled), (15_863, 15_863, 0, 0));
+    assert_eq!((rows, first.duplicates, first.rejected, first.unfilled), (TRADES, TRADES, 0, 0));
     assert!(first.archives.len() >= 2, "rotated by size");
     let (_, ids) = live_archives(dir.path());
     let mut want: HashMap<String, Vec<i64>> = HashMap::new();
     for symbol in ["BTCUSDT", "ETHUSDT"] {
-        let summary = ArchiveSummary::read(Path::new(common::ARCHIVE)).unwrap();
+        let summary = ArchiveSummary::read(Path::new(ARCHIVE)).unwrap();
         let range = &summary.symbols[symbol];
         want.insert(symbol.to_owned(), (range.first..=range.last).collect());
     }

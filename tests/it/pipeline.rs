@@ -1,15 +1,12 @@
 //! The pipeline end to end through the real broker and Redis: replay the
 //! fixtures, consume them to the end, and read back what Redis holds.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 
-use common::{Lane, EXPECTED};
 use redis::AsyncCommands;
 
-const FIXTURE_TRADES: u64 = 15_863;
-const FIXTURE_BARS: u64 = 663;
+use crate::common::fixture::{self, BARS, EXPECTED, TRADES};
+use crate::common::Lane;
 
 fn expected_bars() -> Vec<serde_json::Value> {
     std::fs::read_to_string(EXPECTED).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -67,20 +64,20 @@ async fn assert_redis_matches_expected(lane: &Lane) {
 async fn replayed_fixtures_land_in_redis_exactly_and_a_second_replay_changes_nothing() {
     let lane = Lane::new("e2e");
     let state = tempfile::tempdir().unwrap();
-    assert_eq!(lane.replay(None, None).await.trades, FIXTURE_TRADES);
+    assert_eq!(lane.replay(None, None).await.trades, TRADES);
     let first = lane.consume(state.path()).await;
-    assert_eq!((first.counts.applied, first.counts.bars, first.counts.duplicates), (FIXTURE_TRADES, FIXTURE_BARS, 0));
+    assert_eq!((first.counts.applied, first.counts.bars, first.counts.duplicates), (TRADES, BARS, 0));
     assert_redis_matches_expected(&lane).await;
     let before = lane.digest().await;
     // marker, symbols set, and per symbol: latest hash, stream, five sorted sets.
-    assert_eq!(before.keys, 16);
+    assert_eq!(before.keys, fixture::KEYS);
 
     // The same trades again: the consumer resumes from its checkpoint and
     // drops every one as a duplicate; Redis stays byte for byte the same.
     lane.replay(None, None).await;
     let second = lane.consume(state.path()).await;
-    assert_eq!(second.records, FIXTURE_TRADES);
-    assert_eq!(second.counts.duplicates, FIXTURE_TRADES);
+    assert_eq!(second.records, TRADES);
+    assert_eq!(second.counts.duplicates, TRADES);
     let after = lane.digest().await;
     assert_eq!(after.dump, before.dump);
     assert_eq!(after.sha256, before.sha256);
@@ -89,7 +86,7 @@ async fn replayed_fixtures_land_in_redis_exactly_and_a_second_replay_changes_not
     let fresh = lane.with_prefix("fresh");
     let fresh_state = tempfile::tempdir().unwrap();
     let run = fresh.consume(fresh_state.path()).await;
-    assert_eq!((run.counts.applied, run.counts.duplicates), (FIXTURE_TRADES, FIXTURE_TRADES));
+    assert_eq!((run.counts.applied, run.counts.duplicates), (TRADES, TRADES));
     assert_eq!(fresh.digest().await.sha256, before.sha256);
 }
 
@@ -115,13 +112,12 @@ async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else()
     clean.consume(tempfile::tempdir().unwrap().path()).await;
 
     let dirty = Lane::new("dirty");
-    let middle = 1_723_161_400_000;
-    dirty.replay(None, Some(middle)).await;
+    dirty.replay(None, Some(fixture::MIDDLE_MS)).await;
     let bad = malformed();
     // Keyed like real trades so they land in the partitions the trades use.
     dirty.produce("BTCUSDT", &bad.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>()).await;
     dirty.produce("ETHUSDT", &[&bad[1].1]).await;
-    dirty.replay(Some(middle), None).await;
+    dirty.replay(Some(fixture::MIDDLE_MS), None).await;
     // After everything: a trade with a new id for a second long final (late),
     // and a copy of a trade already applied (duplicate).
     let late = r#"{"e":"trade","E":1723161256100,"s":"BTCUSDT","t":3735800000,"p":"61800.00000000","q":"0.01000000","T":1723161256100,"m":false,"M":true}"#;
@@ -130,7 +126,7 @@ async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else()
 
     let summary = dirty.consume(tempfile::tempdir().unwrap().path()).await;
     assert_eq!(summary.counts.rejected, bad.len() as u64 + 1);
-    assert_eq!((summary.counts.late, summary.counts.duplicates, summary.counts.applied), (1, 1, FIXTURE_TRADES));
+    assert_eq!((summary.counts.late, summary.counts.duplicates, summary.counts.applied), (1, 1, TRADES));
     assert_eq!(dirty.digest().await.dump, clean.digest().await.dump, "good records give the same Redis contents");
 
     let letters = dirty.dead_letters(bad.len() + 2);

@@ -3,20 +3,22 @@
 //! real Prometheus scrapes it and the producer binary, and what Prometheus
 //! stored is read back through its query API and compared with the run.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::prometheus::{free_addr, spawn_consumer, Killed, Prometheus};
-use common::{wait_for, Lane};
 use cryptopulse::telemetry;
 
-const FIXTURE_TRADES: f64 = 15_863.0;
-const FIXTURE_BARS: f64 = 663.0;
+use crate::common::prometheus::{free_addr, spawn_consumer, Killed, Prometheus};
+use crate::common::{fixture, wait_for, Lane};
+
+const FIXTURE_TRADES: f64 = fixture::TRADES as f64;
+const FIXTURE_BARS: f64 = fixture::BARS as f64;
 /// The fixtures' second minute again: every one of its trades a duplicate.
 const AGAIN_FROM_MS: i64 = 1_723_161_300_000;
 const AGAIN_TO_MS: i64 = 1_723_161_360_000;
+/// The fixtures' trades with `AGAIN_FROM_MS <= T < AGAIN_TO_MS` (1,255
+/// BTCUSDT, 1,029 ETHUSDT).
+const AGAIN_TRADES: f64 = 2_284.0;
 
 fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -28,8 +30,8 @@ fn spawn_producer(lane: &Lane, addr: std::net::SocketAddr) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_producer"))
         // Its own topics: on the lane's replayed topic it would first try to
         // backfill from Binance's REST endpoint, which is out of reach here.
-        .args(["--brokers", &lane.kafka.brokers, "--topic", &format!("{}.produced", lane.name)])
-        .args(["--dlq-topic", &format!("{}.produced-dlq", lane.name), "--gaps-topic", &format!("{}.gaps", lane.name)])
+        .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.topic("produced")])
+        .args(["--dlq-topic", &lane.topic("produced-dlq"), "--gaps-topic", &lane.topic("gaps")])
         .args(["--ws-url", &format!("ws://{}", free_addr()), "--metrics-addr", &addr.to_string()])
         .env("RUST_LOG", "warn,cryptopulse::producer=error")
         .stdout(Stdio::null())
@@ -44,7 +46,7 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     let trades = lane.replay(None, None).await.trades as f64;
     assert_eq!(trades, FIXTURE_TRADES);
     let duplicates = lane.replay(Some(AGAIN_FROM_MS), Some(AGAIN_TO_MS)).await.trades as f64;
-    assert!(duplicates > 0.0);
+    assert_eq!(duplicates, AGAIN_TRADES);
     lane.produce("BTCUSDT", &[r#"{"e":"trade","s":"BTCUSDT","t":1"#]).await;
 
     let (consumer_addr, producer_addr) = (free_addr(), free_addr());

@@ -5,19 +5,17 @@
 //! the topic exactly once, in id order per symbol, in the partition Kafka's
 //! default partitioner gives its symbol.
 
-mod common;
-mod fake_binance;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::prometheus::{free_addr, Killed};
-use common::{wait_for, Lane};
 use cryptopulse::producer::tail::partition_for;
 use cryptopulse::producer::{self, ProducerConfig, ProducerSummary, StreamConfig};
-use fake_binance::{Behaviour, FakeBinance, MALFORMED};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::common::prometheus::{free_addr, Killed};
+use crate::common::{wait_for, Lane};
+use crate::fake_binance::{Behaviour, FakeBinance, MALFORMED};
 
 /// Frames released per second: the fixtures' 15,863 frames in about 3 s.
 const RATE: usize = 5000;
@@ -26,18 +24,23 @@ fn config(fake: &FakeBinance, lane: &Lane) -> ProducerConfig {
     let mut stream = StreamConfig::new(fake.symbols(), &fake.ws_url, &fake.rest_url);
     stream.silence_timeout = Duration::from_secs(2);
     let mut config = ProducerConfig::new(lane.kafka.clone(), stream);
-    config.gaps_topic = format!("{}.gaps", lane.name);
+    config.gaps_topic = lane.topic("gaps");
     config
 }
 
 /// Runs the producer until every frame was released and the topic holds
 /// as many trades as the input, then stops it.
 async fn run(fake: &FakeBinance, lane: &Lane, config: ProducerConfig) -> ProducerSummary {
+    run_short(fake, lane, config, 0).await
+}
+
+/// [`run`], for an input of which `missing` trades are not to reach the topic.
+async fn run_short(fake: &FakeBinance, lane: &Lane, config: ProducerConfig, missing: i64) -> ProducerSummary {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(producer::run(config, async move {
         let _ = stopped.await;
     }));
-    let total = fake.total() as i64;
+    let total = fake.total() as i64 - missing;
     wait_for(|| {
         let (lane, released) = (lane.clone(), fake.all_released());
         async move {
@@ -192,8 +195,38 @@ async fn server_shutdown_opens_the_next_connection_before_the_old_one_closes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5_mb_frame_is_a_reconnect_and_a_trade_too_large_for_kafka_a_dead_letter() {
+    // A 5 MB frame past --max-frame-bytes, then on the next connection a
+    // valid trade padded to 1.02 MB: within the frame limit, beyond what a
+    // record of the raw topic may carry.
+    let script = [Behaviour::Oversized { after: 2000, bytes: 5_000_000 }, Behaviour::Padded { after: 2000, bytes: 1_020_000 }];
+    let fake = FakeBinance::start(RATE, &script, 0).await;
+    let lane = Lane::new("too-large");
+    // The padded trade comes before its real frame, which is then a duplicate.
+    let summary = run_short(&fake, &lane, config(&fake, &lane), 1).await;
+    let padded = fake.seen().padded;
+    assert_eq!(padded.len(), 1, "the fake sent one padded trade");
+    let (symbol, id, event) = &padded[0];
+    assert!(event.len() > 1_000_000 && event.len() < 1_048_576, "{} bytes", event.len());
+    assert_eq!((summary.stream.reconnects, summary.dead_letters), (1, 1), "{summary:?}");
+
+    let letters = lane.dead_letters(1);
+    assert_eq!(letters.len(), 1);
+    let header = |key: &str| letters[0].0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    assert_eq!(header("reason").as_deref(), Some("too_large"));
+    assert_eq!(header(cryptopulse::kafka::dead_letter::PAYLOAD_LENGTH_HEADER), Some(event.len().to_string()));
+    assert!(letters[0].1.len() < 1_000_000 && event.as_bytes().starts_with(&letters[0].1));
+
+    // Every other trade once, in order.
+    let (ids, misplaced) = topic_ids(&lane.kafka.brokers, &lane.kafka.topic);
+    let mut want = fake.ids();
+    want.get_mut(symbol).expect("symbol").retain(|i| i != id);
+    assert_eq!((ids, misplaced), (want, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_is_an_error_and_a_reconnect() {
-    let fake = FakeBinance::start(RATE, &[Behaviour::Oversized { after: 3000 }], 0).await;
+    let fake = FakeBinance::start(RATE, &[Behaviour::Oversized { after: 3000, bytes: 2 << 20 }], 0).await;
     let lane = Lane::new("oversized");
     let summary = run(&fake, &lane, config(&fake, &lane)).await;
     assert_eq!(summary.stream.reconnects, 1, "{summary:?}");
@@ -361,7 +394,7 @@ fn producer_command(fake: &FakeBinance, lane: &Lane) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_producer"));
     command
         .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
-        .args(["--gaps-topic", &format!("{}.gaps", lane.name), "--symbols", &fake.symbols().join(",")])
+        .args(["--gaps-topic", &lane.topic("gaps"), "--symbols", &fake.symbols().join(",")])
         .args(["--ws-url", &fake.ws_url, "--rest-url", &fake.rest_url, "--silence-timeout", "2s"])
         .env("RUST_LOG", std::env::var("PRODUCER_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(std::process::Stdio::null());

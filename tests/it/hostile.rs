@@ -1,0 +1,130 @@
+//! Input from the wild, against the real broker and Redis: records of any
+//! size and shape, and implausible trades, are dead letters with a reason,
+//! the consumer runs to the end, and the bars of everything else are those
+//! of a clean run. A state dir refuses settings it was not made with.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::{Digest as _, Sha256};
+
+use crate::common::{fixture, Lane, Letter};
+use cryptopulse::kafka::dead_letter::{MAX_DETAIL_BYTES, PAYLOAD_LENGTH_HEADER, PAYLOAD_SHA256_HEADER};
+
+/// The value of header `key` of a dead letter.
+fn header<'a>(letter: &'a Letter, key: &str) -> Option<&'a str> {
+    letter.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// Sends `payloads` keyed `key` with a producer that takes records up to 2 MB.
+async fn produce_large(lane: &Lane, key: &str, payloads: &[&str]) {
+    let mut config = lane.kafka.producer_config().expect("producer config");
+    config.set("message.max.bytes", "2000000");
+    let producer: FutureProducer = config.create().expect("producer");
+    for payload in payloads {
+        let record = FutureRecord::to(&lane.kafka.topic).key(key).payload(*payload);
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("send");
+    }
+}
+
+/// Replays the fixtures' first half, then `inject`, then the second half;
+/// runs the consumer to the end (it must not fail) and returns the lane.
+async fn fixtures_around(test: &str, inject: impl AsyncFnOnce(&Lane)) -> Lane {
+    let lane = Lane::new(test);
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    inject(&lane).await;
+    lane.replay(Some(fixture::MIDDLE_MS), None).await;
+    let summary = lane.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    assert_eq!(summary.counts.applied, fixture::TRADES, "{summary:?}");
+    lane
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_too_large_for_a_dead_letter_are_cut_and_the_run_goes_on() {
+    let want = Lane::undisturbed("large-clean").await;
+    // 990 KB whose symbol is 900 KB: its detail would repeat the symbol; and
+    // 1.04 MB of a price that is no number, more than a record may carry.
+    let long_symbol = format!(
+        r#"{{"e":"trade","E":1,"s":"{}","t":1,"p":"1","q":"1","T":1723161400000,"m":false,"pad":"{}"}}"#,
+        "X".repeat(900_000),
+        "p".repeat(90_000)
+    );
+    let long_price = format!(r#"{{"e":"trade","s":"BTCUSDT","t":2,"p":"{}","q":"1","T":1723161400000,"m":false}}"#, "9".repeat(1_040_000));
+    let lane = fixtures_around("large", async |lane| produce_large(lane, "BTCUSDT", &[&long_symbol, &long_price]).await).await;
+
+    assert_eq!(lane.digest().await.sha256, want.sha256, "the bars of the other trades are a clean run's");
+    let letters = lane.dead_letters(2);
+    assert_eq!(letters.len(), 2);
+    let reasons: Vec<&str> = letters.iter().filter_map(|l| header(l, "reason")).collect();
+    assert_eq!(reasons, ["bad_symbol", "bad_price"]);
+    for letter in &letters {
+        assert!(header(letter, "detail").is_some_and(|d| d.len() <= MAX_DETAIL_BYTES), "{:?}", header(letter, "detail").map(str::len));
+    }
+    // The first fits whole; the second is cut, with its length and hash.
+    assert_eq!((letters[0].1.len(), header(&letters[0], PAYLOAD_LENGTH_HEADER)), (long_symbol.len(), None));
+    assert!(letters[1].1.len() < 1_000_000 && long_price.as_bytes().starts_with(&letters[1].1));
+    assert_eq!(header(&letters[1], PAYLOAD_LENGTH_HEADER), Some(long_price.len().to_string().as_str()));
+    let sha256: String = Sha256::digest(long_price.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(header(&letters[1], PAYLOAD_SHA256_HEADER), Some(sha256.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_trades_are_dead_letters_and_the_trades_after_them_are_exact() {
+    let want = Lane::undisturbed("implausible-clean").await;
+    // BTCUSDT's ids in the fixtures are below 3.74e9; times in 2024-08-08.
+    let trade = |id: &str, price: &str, qty: &str, time: &str| {
+        format!(r#"{{"e":"trade","E":1,"s":"BTCUSDT","t":{id},"p":"{price}","q":"{qty}","T":{time},"m":false}}"#)
+    };
+    let century_ahead = (std::time::SystemTime::now() + Duration::from_secs(100 * 366 * 86_400))
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        .to_string();
+    let bad = [
+        trade("3800000000", "61000.00000000", "0.1", &century_ahead),
+        trade(&i64::MAX.to_string(), "61000.00000000", "0.1", "1723161400000"),
+        trade("-1", "61000.00000000", "0.1", "1723161400000"),
+        trade("3800000001", "61000.00000000", "0.000000001", "1723161400000"),
+        trade("3800000002", "61000.123456789", "0.1", "1723161400000"),
+    ];
+    let lane = fixtures_around("implausible", async |lane| lane.produce("BTCUSDT", &bad.each_ref().map(String::as_str)).await).await;
+
+    assert_eq!(lane.digest().await.sha256, want.sha256, "the trades after them are neither late nor duplicates");
+    let letters = lane.dead_letters(bad.len());
+    let reasons: Vec<&str> = letters.iter().filter_map(|l| header(l, "reason")).collect();
+    assert_eq!(reasons, ["bad_time", "bad_id", "bad_id", "bad_qty", "bad_price"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_refuses_other_windows_and_added_partitions_and_writes_nothing() {
+    let lane = Lane::new("identity");
+    lane.replay(None, None).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    lane.consume(state.path()).await;
+    let written = lane.digest().await;
+
+    let refused = async |change: &dyn Fn(&mut cryptopulse::consumer::ConsumerConfig)| {
+        let mut config = lane.consumer_config(state.path());
+        change(&mut config);
+        cryptopulse::consumer::run(config, std::future::pending()).await.expect_err("other settings are refused").to_string()
+    };
+    let err = refused(&|c| c.window.rsi_period = 7).await;
+    assert!(err.contains("rsi-period: stored 14, given 7") && err.contains("fresh --state-dir"), "{err}");
+    let err = refused(&|c| {
+        c.window.bar_ms = 2_000;
+        c.window.vwap_ms = 10_000;
+    })
+    .await;
+    assert!(err.contains("bar-ms: stored 1000, given 2000") && err.contains("vwap-ms: stored 5000, given 10000"), "{err}");
+
+    let admin: AdminClient<DefaultClientContext> = lane.kafka.client_config().expect("config").create().expect("admin");
+    let added =
+        admin.create_partitions(&[NewPartitions::new(&lane.kafka.topic, 8)], &AdminOptions::new()).await.expect("create partitions");
+    assert!(added.iter().all(Result::is_ok), "{added:?}");
+    let err = refused(&|_| {}).await;
+    assert!(err.contains("partitions: stored 6, given 8"), "{err}");
+
+    assert_eq!(lane.digest().await.sha256, written.sha256, "nothing written by the refused runs");
+}
