@@ -6,9 +6,12 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use arrow::array::RecordBatch;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Decimal128Type, Field, Schema};
+use arrow::error::ArrowError;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -16,6 +19,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use serde::{Deserialize, Serialize};
 
+use crate::decimal;
 use crate::error::{Error, Result};
 use crate::trade::{schema, TradeColumns};
 
@@ -142,14 +146,52 @@ fn summarize(ids: &mut Vec<i64>) -> SymbolIds {
     SymbolIds { first: ids[0], last: ids[ids.len() - 1], count: ids.len() as u64, missing }
 }
 
-/// Reads an archive's batches, checking they are trades.
-pub fn open(path: &Path, batch_rows: usize) -> Result<ParquetRecordBatchReader> {
+/// Reads an archive's batches, checking they are trades. Archives written
+/// before prices and quantities were widened to 38 digits (18 then) are
+/// handed out in today's schema: their values are the same units.
+pub fn open(path: &Path, batch_rows: usize) -> Result<impl Iterator<Item = Result<RecordBatch, ArrowError>> + Send> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
-    if builder.schema().fields() != schema().fields() {
+    let widen = if builder.schema().fields() == schema().fields() {
+        false
+    } else if builder.schema().fields() == narrow_schema().fields() {
+        true
+    } else {
         return Err(Error::invalid_data(path.display().to_string(), format!("not a trade archive (schema {:?})", builder.schema())));
-    }
-    builder.with_batch_size(batch_rows).build().map_err(|e| parquet_err(path, e))
+    };
+    let reader = builder.with_batch_size(batch_rows).build().map_err(|e| parquet_err(path, e))?;
+    Ok(reader.map(move |batch| if widen { batch.and_then(|b| widened(&b)) } else { batch }))
+}
+
+/// The trade schema with the decimals of archives before the widening.
+fn narrow_schema() -> Schema {
+    let fields: Vec<Field> = schema()
+        .fields()
+        .iter()
+        .map(|field| match field.data_type() {
+            DataType::Decimal128(_, scale) => {
+                field.as_ref().clone().with_data_type(DataType::Decimal128(decimal::PRECISION_BEFORE_2026_12, *scale))
+            }
+            _ => field.as_ref().clone(),
+        })
+        .collect();
+    Schema::new(fields)
+}
+
+/// A batch of a narrow archive in today's schema: the same values, wider.
+fn widened(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|column| match column.data_type() {
+            DataType::Decimal128(_, scale) => {
+                let values = column.as_primitive::<Decimal128Type>().clone().with_precision_and_scale(decimal::PRECISION, *scale)?;
+                Ok(Arc::new(values) as ArrayRef)
+            }
+            _ => Ok(column.clone()),
+        })
+        .collect::<Result<Vec<_>, ArrowError>>()?;
+    RecordBatch::try_new(schema(), columns)
 }
 
 fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {

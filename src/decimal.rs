@@ -6,30 +6,48 @@
 pub const SCALE: i8 = 8;
 /// One unit in fixed point.
 pub const ONE: i128 = 100_000_000;
-/// Decimal digits an Arrow `Decimal128` price or quantity holds.
-pub const PRECISION: u8 = 18;
+/// Decimal digits an Arrow `Decimal128` price or quantity holds: Arrow's
+/// most, 30 before the point. A low-priced coin trades tens of billions of
+/// units at once, past what 18 digits (10 before the point) hold (SPEC §1).
+pub const PRECISION: u8 = 38;
+/// The precision archives were written with before it was widened; they
+/// are read as they are, the values being the same units.
+pub const PRECISION_BEFORE_2026_12: u8 = 18;
 /// The largest value that fits `PRECISION` digits.
 const MAX: i128 = 10i128.pow(PRECISION as u32) - 1;
+/// Digits before the point that fit `PRECISION`.
+const MAX_WHOLE_DIGITS: usize = PRECISION as usize - SCALE as usize;
 
 /// Parses a plain non-negative decimal string such as `"61837.63000000"`
 /// into units of 1e-8. Rejects signs, exponents, empty parts, more than eight
-/// significant fraction digits and values beyond 18 digits.
+/// significant fraction digits and values beyond 38 digits.
 ///
-/// One pass in 64-bit integers: this runs twice per trade decoded.
+/// Up to 18 digits before the point (every price and nearly every quantity)
+/// in 64-bit integers: this runs twice per trade decoded.
 pub fn parse(text: &str) -> Option<i128> {
     let bytes = text.as_bytes();
     let (int, frac) = match bytes.iter().position(|&b| b == b'.') {
         Some(dot) => (&bytes[..dot], &bytes[dot + 1..]),
         None => (bytes, &[][..]),
     };
-    if int.is_empty() || int.len() > 18 {
+    if int.is_empty() || int.len() > MAX_WHOLE_DIGITS {
         return None;
     }
-    // At most 18 digits: below 10^18, no overflow.
-    let mut whole: u64 = 0;
-    for &b in int {
-        whole = whole * 10 + u64::from(digit(b)?);
-    }
+    let whole = if int.len() <= 18 {
+        // At most 18 digits: below 10^18, no overflow.
+        let mut whole: u64 = 0;
+        for &b in int {
+            whole = whole * 10 + u64::from(digit(b)?);
+        }
+        i128::from(whole)
+    } else {
+        // At most 30 digits: below 10^30, no overflow.
+        let mut whole: i128 = 0;
+        for &b in int {
+            whole = whole * 10 + i128::from(digit(b)?);
+        }
+        whole
+    };
     let mut fraction: u64 = 0;
     for (i, &b) in frac.iter().enumerate() {
         let d = digit(b)?;
@@ -40,7 +58,7 @@ pub fn parse(text: &str) -> Option<i128> {
         }
     }
     fraction *= 10u64.pow((SCALE as usize).saturating_sub(frac.len()) as u32);
-    let value = i128::from(whole) * ONE + i128::from(fraction);
+    let value = whole * ONE + i128::from(fraction);
     (value <= MAX).then_some(value)
 }
 
@@ -135,11 +153,15 @@ mod tests {
             ("007.50", Some(750_000_000)),
             ("0.12345678000000000000", Some(12_345_678)),
             ("1.00000000x", None),
-            ("999999999999999999", None),
-            ("1234567890123456789", None),
+            ("999999999999999999", Some(999_999_999_999_999_999 * ONE)),
+            ("1234567890123456789", Some(1_234_567_890_123_456_789 * ONE)),
             (" 1.0", None),
-            ("9999999999.99999999", Some(MAX)),
-            ("10000000000.00000000", None),
+            // Past the 18 digits archives used to hold: a real trade size.
+            ("25000000000.5", Some(2_500_000_000_050_000_000)),
+            ("9999999999.99999999", Some(999_999_999_999_999_999)),
+            ("999999999999999999999999999999.99999999", Some(MAX)),
+            ("1000000000000000000000000000000", None),
+            ("12a45678901234567890", None),
         ];
         for (text, expected) in cases {
             assert_eq!(parse(text), *expected, "{text:?}");

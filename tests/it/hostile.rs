@@ -1,8 +1,10 @@
 //! Input from the wild, against the real broker and Redis: records of any
 //! size and shape, and implausible trades, are dead letters with a reason,
 //! the consumer runs to the end, and the bars of everything else are those
-//! of a clean run. A state dir refuses settings it was not made with.
+//! of a clean run. A state dir refuses settings it was not made with. A
+//! symbol outside ASCII and a quantity past 18 digits flow exactly.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
@@ -12,6 +14,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::common::{fixture, Lane, Letter};
 use cryptopulse::kafka::dead_letter::{MAX_DETAIL_BYTES, PAYLOAD_LENGTH_HEADER, PAYLOAD_SHA256_HEADER};
+use cryptopulse::replay::{self, ReplayOptions, Speed};
+use redis::AsyncCommands;
 
 /// The value of header `key` of a dead letter.
 fn header<'a>(letter: &'a Letter, key: &str) -> Option<&'a str> {
@@ -127,4 +131,53 @@ async fn a_state_dir_refuses_other_windows_and_added_partitions_and_writes_nothi
     assert!(err.contains("partitions: stored 6, given 8"), "{err}");
 
     assert_eq!(lane.digest().await.sha256, written.sha256, "nothing written by the refused runs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caseless_symbol_and_tens_of_billions_of_units_flow_exactly_also_through_record_and_replay() {
+    let symbol = "币安人生USDT";
+    let trade = |id: i64, price: &str, qty: &str, time: i64| {
+        format!(r#"{{"e":"trade","E":{time},"s":"{symbol}","t":{id},"p":"{price}","q":"{qty}","T":{time},"m":false}}"#)
+    };
+    let trades = [
+        trade(1, "0.00000123", "25000000000.5", 1_723_161_255_100),
+        trade(2, "0.00000125", "1000000000000", 1_723_161_255_900),
+        trade(3, "0.00000124", "1", 1_723_161_256_100),
+    ];
+    let direct = Lane::new("wide");
+    direct.kafka.ensure_topics().await.expect("topics");
+    direct.produce(symbol, &trades.each_ref().map(String::as_str)).await;
+    let summary = direct.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    assert_eq!((summary.counts.applied, summary.counts.rejected, summary.counts.bars), (3, 0, 1), "{summary:?}");
+    let mut redis = direct.redis().await;
+    let latest: HashMap<String, String> =
+        redis.hgetall(format!("{}:latest:{symbol}", direct.redis.target.prefix)).await.expect("latest hash");
+    // Σq = 1,025,000,000,000.5; Σp·q = 1,280,750.000000615 exactly; the
+    // VWAP is the float nearest to their quotient (Python's Fraction).
+    assert_eq!(latest["volume"], "1025000000000.50000000");
+    assert_eq!((latest["close"].as_str(), latest["trades"].as_str(), latest["window_end"].as_str()), ("0.00000125", "2", "1723161256000"));
+    assert_eq!((latest["buy_volume"].as_str(), latest["sell_volume"].as_str()), ("1025000000000.50000000", "0.00000000"));
+    assert_eq!(latest["vwap_1s"].parse::<f64>(), Ok(1.2495121951219418e-06));
+    let symbols: Vec<String> = redis.smembers(format!("{}:symbols", direct.redis.target.prefix)).await.expect("symbols");
+    assert_eq!(symbols, [symbol]);
+
+    // The same frames recorded to Parquet and replayed: the same Redis.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frames = dir.path().join("wide.txt");
+    let lines: Vec<String> = trades.iter().map(|t| format!(r#"{{"stream":"币安人生usdt@trade","data":{t}}}"#)).collect();
+    std::fs::write(&frames, lines.join("\n")).expect("frames");
+    let recorded = cryptopulse::record::record_frames(&[frames], &dir.path().join("out")).expect("record");
+    assert_eq!((recorded[0].summary.rows, recorded[0].rejected, recorded[0].summary.symbols[symbol].count), (3, 0, 3));
+    let replayed = Lane::new("wide-replayed");
+    let options = ReplayOptions {
+        files: vec![recorded[0].output.clone()],
+        speed: Speed::Max,
+        symbols: None,
+        from_ms: None,
+        to_ms: None,
+        progress: false,
+    };
+    assert_eq!(replay::run(&replayed.kafka, options).await.expect("replay").trades, 3);
+    replayed.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    assert_eq!(replayed.digest().await.sha256, direct.digest().await.sha256);
 }

@@ -113,16 +113,22 @@ fn the_decoder_takes_any_json_in_any_field_without_panic() {
 type Step = (usize, i64, i64, i128, i128, bool);
 
 /// Prices and quantities: the smallest, the largest 18-digit value (most
-/// often), one near 2^63 / 1000 units, and anything between.
+/// often), one near 2^63 / 1000 units, values past 18 digits up to the
+/// widest 38-digit one, and anything between.
 fn units() -> impl Strategy<Value = i128> {
     let max = 10i128.pow(18) - 1;
+    let widest = 10i128.pow(38) - 1;
     prop_oneof![
         4 => Just(max),
         1 => Just(1i128),
         1 => Just(i128::from(i64::MAX) / 1000),
         1 => Just(decimal::ONE),
         1 => 1..=max,
-        2 => 1..=1_000 * decimal::ONE
+        2 => 1..=1_000 * decimal::ONE,
+        // Past 18 digits: tens of billions of units in one trade, and the
+        // widest value a price or quantity may take.
+        1 => Just(25_000_000_000 * decimal::ONE + decimal::ONE / 2),
+        1 => prop_oneof![Just(widest), max..=widest]
     ]
 }
 
