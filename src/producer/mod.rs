@@ -68,6 +68,11 @@ pub struct StreamArgs {
     /// REST request weight to spend per minute at most (Binance allows 6000).
     #[arg(long, env = "CRYPTOPULSE_REST_WEIGHT_PER_MINUTE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(25..=6000))]
     pub rest_weight_per_minute: u32,
+    /// Longest a REST 429's Retry-After is waited out; a longer one leaves
+    /// the gap recorded as unfilled. A 418 ban is never waited out: gaps
+    /// during it are recorded unfilled, the streams go on.
+    #[arg(long, env = "CRYPTOPULSE_REST_MAX_WAIT", default_value = "60s", value_parser = cli::duration_between::<1_000, 3_600_000>)]
+    pub rest_max_wait: Duration,
     /// Most trades fetched over REST for one gap.
     #[arg(long, env = "CRYPTOPULSE_MAX_GAP_FILL", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(0..=1_000_000_000))]
     pub max_gap_fill: i64,
@@ -85,7 +90,8 @@ impl StreamArgs {
         config.silence_timeout = self.silence_timeout;
         config.connection_lifetime = self.connection_lifetime;
         config.max_frame_bytes = self.max_frame_bytes as usize;
-        config.rest_limits = RestLimits { weight_per_minute: self.rest_weight_per_minute, ..RestLimits::default() };
+        config.rest_limits =
+            RestLimits { weight_per_minute: self.rest_weight_per_minute, max_wait: self.rest_max_wait, ..RestLimits::default() };
         config.max_gap_fill = self.max_gap_fill;
         config.future_tolerance = self.future_tolerance;
         config

@@ -272,8 +272,23 @@ async fn rest_answering_429_is_waited_out_then_the_gap_is_filled() {
 async fn a_gap_rest_cannot_fill_is_recorded_on_the_gaps_topic_with_its_id_range() {
     let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
     fake.break_rest();
-    let lane = Lane::new("unfillable");
-    let mut config = config(&fake, &lane);
+    gaps_recorded_and_the_rest_streamed(&fake, Lane::new("unfillable"), "503").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_ban_is_honoured_without_stalling_the_streams() {
+    // 418 with an hour's Retry-After: waiting it out would hold every
+    // symbol's stream for an hour (the test's 60 s would run out first).
+    let fake = FakeBinance::start(RATE, &[Behaviour::Drop { after: 3000 }], 0).await;
+    fake.ban_rest();
+    gaps_recorded_and_the_rest_streamed(&fake, Lane::new("banned"), "418").await;
+}
+
+/// Runs the producer against a REST that cannot fill gaps until every
+/// frame was released and a gap is recorded: the topic's ids plus the
+/// recorded ranges (each for `reason`) are the input, in order.
+async fn gaps_recorded_and_the_rest_streamed(fake: &FakeBinance, lane: Lane, reason: &str) {
+    let mut config = config(fake, &lane);
     config.stream.rest_limits.attempts = 2;
     let gaps_topic = config.gaps_topic.clone();
     // The run helper waits for every trade; here some never come.
@@ -292,14 +307,13 @@ async fn a_gap_rest_cannot_fill_is_recorded_on_the_gaps_topic_with_its_id_range(
     let summary = running.await.unwrap().expect("producer");
     assert!(summary.stream.gaps_found >= 1 && summary.stream.unfilled >= 1, "{summary:?}");
 
-    // The topic's ids plus the recorded ranges are the input, in order.
     let gaps = gap_records(&lane.kafka.brokers, &gaps_topic);
     let recorded: u64 = gaps.iter().map(|g| g["count"].as_u64().unwrap()).sum();
     assert_eq!(recorded, summary.stream.unfilled);
     let (mut ids, _) = topic_ids(&lane.kafka.brokers, &lane.kafka.topic);
     for gap in &gaps {
         let (symbol, from, to) = (gap["symbol"].as_str().unwrap(), gap["from_id"].as_i64().unwrap(), gap["to_id"].as_i64().unwrap());
-        assert!(gap["reason"].as_str().unwrap().contains("503"), "{gap}");
+        assert!(gap["reason"].as_str().unwrap().contains(reason), "{gap}");
         let got = ids.get_mut(symbol).unwrap();
         let at = got.iter().position(|&id| id > from).unwrap_or(got.len());
         got.splice(at..at, from..=to);

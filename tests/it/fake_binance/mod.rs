@@ -78,6 +78,8 @@ struct Shared {
     throttle: AtomicUsize,
     /// REST answers 503 to everything.
     rest_down: std::sync::atomic::AtomicBool,
+    /// REST answers 418 with an hour's `Retry-After` to everything.
+    rest_banned: std::sync::atomic::AtomicBool,
     seen: Mutex<Seen>,
 }
 
@@ -109,6 +111,7 @@ impl FakeBinance {
             script: Mutex::new(script.iter().copied().collect()),
             throttle: AtomicUsize::new(throttle),
             rest_down: std::sync::atomic::AtomicBool::new(false),
+            rest_banned: std::sync::atomic::AtomicBool::new(false),
             seen: Mutex::new(Seen::default()),
         });
         let accepting = shared.clone();
@@ -123,6 +126,11 @@ impl FakeBinance {
     /// From now on REST answers every request with 503.
     pub fn break_rest(&self) {
         self.shared.rest_down.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on REST answers every request with 418: banned for an hour.
+    pub fn ban_rest(&self) {
+        self.shared.rest_banned.store(true, Ordering::SeqCst);
     }
 
     pub fn seen(&self) -> Seen {
@@ -231,6 +239,8 @@ async fn rest(shared: Arc<Shared>, mut stream: TcpStream) {
     let throttled = shared.throttle.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let response = if shared.rest_down.load(Ordering::SeqCst) {
         "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+    } else if shared.rest_banned.load(Ordering::SeqCst) {
+        "HTTP/1.1 418 I'm a teapot\r\nRetry-After: 3600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
     } else if throttled {
         shared.seen.lock().unwrap().rest_throttled += 1;
         "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
