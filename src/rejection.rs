@@ -32,8 +32,10 @@ pub enum Reject {
     /// The record is larger than its topic takes (SPEC §2, §9).
     TooLarge,
     /// A symbol this process does not follow: the producer did not
-    /// subscribe to it (SPEC §9).
+    /// subscribe to it, or it is not in the consumer's `--symbols` (SPEC §9).
     UnknownSymbol,
+    /// The trade's partition holds `--max-symbols` symbols already (SPEC §9).
+    TooManySymbols,
     /// The trade would take its bar's sums past what they hold exactly
     /// (SPEC §1): a wrong bar is never written instead.
     Overflow,
@@ -55,6 +57,7 @@ impl Reject {
             Reject::Late => "late",
             Reject::TooLarge => "too_large",
             Reject::UnknownSymbol => "unknown_symbol",
+            Reject::TooManySymbols => "too_many_symbols",
             Reject::Overflow => "overflow",
         }
     }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decimal;
 use crate::error::{Error, Result};
+use crate::rejection::Reject;
 use crate::trade::TradeColumns;
 
 /// Window widths and the RSI period (SPEC §4).
@@ -43,6 +44,34 @@ pub const DEFAULT_BAR_MS: i64 = 1_000;
 pub const DEFAULT_VWAP_MS: i64 = 5_000;
 /// Default RSI period, in bars.
 pub const DEFAULT_RSI_PERIOD: u32 = 14;
+/// Symbols one partition's state may hold unless told otherwise (SPEC §9).
+pub const DEFAULT_MAX_SYMBOLS: usize = 10_000;
+
+/// Which symbols a partition's state takes (SPEC §9): only those of an
+/// optional allow-list, and at most `max` of them, so memory, checkpoints
+/// and Redis keys stay bounded however many symbols a topic carries. A
+/// symbol is admitted in the order of its first trade in the partition,
+/// the same on every run whatever the cut into batches, so a restart
+/// admits the same symbols.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymbolLimits {
+    pub allow: Option<std::collections::BTreeSet<String>>,
+    pub max: usize,
+}
+
+impl SymbolLimits {
+    /// Every symbol.
+    pub const NONE: SymbolLimits = SymbolLimits { allow: None, max: usize::MAX };
+
+    /// Why trades of `symbol` are refused by a state of `held` symbols that
+    /// does (`known`) or does not hold it yet.
+    fn refuses(&self, symbol: &str, known: bool, held: usize) -> Option<Reject> {
+        if self.allow.as_ref().is_some_and(|allow| !allow.contains(symbol)) {
+            return Some(Reject::UnknownSymbol);
+        }
+        (!known && held >= self.max).then_some(Reject::TooManySymbols)
+    }
+}
 /// Below this the RSI averages are rescaled together: their ratio is all
 /// that matters, and a long silence must not underflow both to zero.
 const RSI_FLOOR: f64 = 1e-200;
@@ -280,11 +309,19 @@ pub struct BatchOutput {
     /// Rows whose price and quantity would take their bar's sums past what
     /// they can hold exactly (SPEC §1): dead letters, never a wrong bar.
     pub overflow_rows: Vec<usize>,
+    /// Rows of symbols the [`SymbolLimits`] refuse, with the reason.
+    pub refused_rows: Vec<(usize, Reject)>,
 }
 
 impl PartitionState {
     /// Applies a batch of this partition's trades, in row order.
     pub fn apply(&mut self, batch: &RecordBatch, cfg: &WindowConfig) -> Result<BatchOutput> {
+        self.apply_within(batch, cfg, &SymbolLimits::NONE)
+    }
+
+    /// [`apply`](Self::apply), taking only the symbols `limits` admit: the
+    /// check is per symbol of the batch, not per trade.
+    pub fn apply_within(&mut self, batch: &RecordBatch, cfg: &WindowConfig, limits: &SymbolLimits) -> Result<BatchOutput> {
         let cols = TradeColumns::new(batch)?;
         let mut out = BatchOutput::default();
         let groups = SymbolGroups::of(&cols);
@@ -292,7 +329,13 @@ impl PartitionState {
         // holds a row or two of each, and a vector per symbol costs more.
         let (mut accepted, mut bars) = (Vec::new(), Vec::new());
         for (symbol, rows) in groups.iter() {
-            if !self.symbols.contains_key(symbol) {
+            let known = self.symbols.contains_key(symbol);
+            if let Some(reason) = limits.refuses(symbol, known, self.symbols.len()) {
+                self.counts.rejected += rows.len() as u64;
+                out.refused_rows.extend(rows.iter().map(|&row| (row as usize, reason)));
+                continue;
+            }
+            if !known {
                 self.symbols.insert(symbol.to_owned(), SymbolWindow::default());
             }
             let window = self
@@ -310,6 +353,7 @@ impl PartitionState {
         self.counts.bars += out.bars.len() as u64;
         out.late_rows.sort_unstable();
         out.overflow_rows.sort_unstable();
+        out.refused_rows.sort_unstable_by_key(|&(row, _)| row);
         Ok(out)
     }
 
@@ -544,6 +588,36 @@ mod tests {
         assert_eq!((bar.trades, bar.quote_volume), (fit as u64, pq * i128::from(fit)));
         assert!(bar.quote_volume <= limit && (out.bars[0].vwap_long - out.bars[0].vwap_bar).abs() < 1e-6);
         assert_eq!((state.counts.applied, state.counts.rejected), (fit as u64 + 1, 2));
+    }
+
+    #[test]
+    fn symbol_limits_admit_the_first_symbols_of_the_partition_whatever_the_cut() {
+        let cfg = WindowConfig::default();
+        let rows: Vec<(&str, i64, &str, &str, i64, bool)> = ["A", "B", "A", "C", "B", "D", "C"]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i as i64 + 1, "1", "1", 1_000 + i as i64, false))
+            .collect();
+        let limits = SymbolLimits { allow: None, max: 2 };
+        for cut in 0..=rows.len() {
+            let mut state = PartitionState::default();
+            let mut refused = Vec::new();
+            for (from, part) in [(0, &rows[..cut]), (cut, &rows[cut..])] {
+                if part.is_empty() {
+                    continue;
+                }
+                let out = state.apply_within(&batch(part), &cfg, &limits).unwrap();
+                refused.extend(out.refused_rows.iter().map(|&(row, reason)| (row + from, reason)));
+            }
+            assert_eq!(state.symbols.keys().collect::<Vec<_>>(), ["A", "B"], "cut at {cut}");
+            assert_eq!(refused, [(3, Reject::TooManySymbols), (5, Reject::TooManySymbols), (6, Reject::TooManySymbols)], "cut at {cut}");
+            assert_eq!((state.counts.applied, state.counts.rejected), (4, 3));
+        }
+        let allow = SymbolLimits { allow: Some(["B".to_owned()].into()), max: 10 };
+        let mut state = PartitionState::default();
+        let out = state.apply_within(&batch(&rows), &cfg, &allow).unwrap();
+        assert_eq!(out.refused_rows.iter().filter(|(_, r)| *r == Reject::UnknownSymbol).count(), 5);
+        assert_eq!(state.symbols.keys().collect::<Vec<_>>(), ["B"]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use cryptopulse::consumer::{self, ConsumerConfig};
 use cryptopulse::kafka::KafkaArgs;
 use cryptopulse::sink::RedisArgs;
 use cryptopulse::telemetry::MetricsArgs;
-use cryptopulse::window::WindowArgs;
+use cryptopulse::window::{WindowArgs, DEFAULT_MAX_SYMBOLS};
 
 /// Reads trades from Kafka and writes 1 s bars, VWAP and RSI to Redis, exactly once.
 #[derive(Parser, Debug)]
@@ -57,6 +57,15 @@ struct Cli {
     /// trades late.
     #[arg(long, env = "CRYPTOPULSE_FUTURE_TOLERANCE", default_value = "1h", value_parser = cli::duration_between::<1_000, 604_800_000>)]
     future_tolerance: Duration,
+    /// Take only these symbols, comma-separated; trades of others go to the
+    /// dead-letter topic (`unknown_symbol`). All when absent.
+    #[arg(long = "symbols", env = "CRYPTOPULSE_CONSUMER_SYMBOLS", value_delimiter = ',')]
+    symbols: Option<Vec<String>>,
+    /// Most symbols one partition's state holds; trades of further symbols
+    /// go to the dead-letter topic (`too_many_symbols`). Bounds memory,
+    /// checkpoints and Redis keys.
+    #[arg(long, env = "CRYPTOPULSE_MAX_SYMBOLS", default_value_t = DEFAULT_MAX_SYMBOLS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_symbols: u32,
 }
 
 #[tokio::main]
@@ -77,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
         linger: Duration::from_millis(args.linger_ms),
         idle_finalize: args.idle_finalize_ms.map(Duration::from_millis),
         future_tolerance: args.future_tolerance,
+        symbols: args.symbols.map(|s| s.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect()),
+        max_symbols: args.max_symbols as usize,
     };
     let summary = consumer::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use super::source::{PartitionBatch, SourceEvent};
 use super::writer::{Work, Writer};
@@ -18,7 +19,7 @@ use crate::kafka::{DeadLetter, DeadLetters};
 use crate::rejection::Reject;
 use crate::telemetry::{self, ConsumerMetrics};
 use crate::trade::TradeColumns;
-use crate::window::Counts;
+use crate::window::{Counts, SymbolLimits};
 
 pub(super) struct Loop {
     pub(super) config: ConsumerConfig,
@@ -34,6 +35,10 @@ pub(super) struct Loop {
     pub(super) last_checkpoint: Instant,
     pub(super) summary: Summary,
     pub(super) metrics: ConsumerMetrics,
+    /// Which symbols the state takes (SPEC §9).
+    pub(super) symbol_limits: SymbolLimits,
+    /// Partitions whose `--max-symbols` was hit and logged.
+    pub(super) full: BTreeSet<i32>,
 }
 
 impl Loop {
@@ -69,15 +74,20 @@ impl Loop {
         for batch in batches {
             let partition = self.partitions.entry(batch.partition).or_default();
             let before = partition.state.counts.clone();
-            let output = partition.state.apply(&batch.trades, &self.config.window)?;
+            let output = partition.state.apply_within(&batch.trades, &self.config.window, &self.symbol_limits)?;
             count_applied(&self.metrics, &before, &partition.state.counts);
             partition.next_offset = batch.next_offset;
             self.dirty.insert(batch.partition);
             records += batch.offsets.len() as u64;
-            if !output.late_rows.is_empty() || !output.overflow_rows.is_empty() {
+            if output.refused_rows.iter().any(|&(_, reason)| reason == Reject::TooManySymbols) && self.full.insert(batch.partition) {
+                let (partition, max) = (batch.partition, self.symbol_limits.max);
+                warn!(partition, max, "partition holds --max-symbols symbols: trades of further symbols go to the dead-letter topic");
+            }
+            if !output.late_rows.is_empty() || !output.overflow_rows.is_empty() || !output.refused_rows.is_empty() {
                 let cols = TradeColumns::new(&batch.trades)?;
                 let late = output.late_rows.into_iter().map(|row| (row, Reject::Late));
-                for (row, reason) in late.chain(output.overflow_rows.into_iter().map(|row| (row, Reject::Overflow))) {
+                let overflow = output.overflow_rows.into_iter().map(|row| (row, Reject::Overflow));
+                for (row, reason) in late.chain(overflow).chain(output.refused_rows) {
                     self.dead_letters.send(&row_letter(&batch, &cols, row, reason)).await?;
                     telemetry::dead_letter(reason.as_str());
                 }
@@ -160,6 +170,8 @@ fn row_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize, reaso
     let trade = cols.trade(row);
     let why = match reason {
         Reject::Late => "is for a bar already final",
+        Reject::UnknownSymbol => "is of a symbol not in --symbols",
+        Reject::TooManySymbols => "is of a new symbol in a partition holding --max-symbols",
         _ => "would take its bar's sums past what they hold exactly",
     };
     DeadLetter {

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::kafka::{self, DeadLetters, KafkaArgs, REQUEST_TIMEOUT};
 use crate::sink::{RedisArgs, RedisSink};
 use crate::telemetry::ConsumerMetrics;
-use crate::window::{Counts, WindowConfig};
+use crate::window::{Counts, SymbolLimits, WindowConfig};
 use event_loop::Loop;
 use source::SourceOptions;
 pub use source::{source_client_config, ASSIGNED_LOG};
@@ -58,6 +58,10 @@ pub struct ConsumerConfig {
     pub idle_finalize: Option<Duration>,
     /// How far ahead of this process's clock a trade time may be (SPEC §1).
     pub future_tolerance: Duration,
+    /// Only these symbols, if given; others are dead letters (SPEC §9).
+    pub symbols: Option<BTreeSet<String>>,
+    /// Most symbols one partition's state holds (SPEC §9).
+    pub max_symbols: usize,
 }
 
 /// What a run did.
@@ -142,6 +146,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
 
     let committed = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
     let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
+    let symbol_limits = SymbolLimits { allow: config.symbols.clone(), max: config.max_symbols };
     let mut consumer_loop = Loop {
         config,
         writer,
@@ -153,6 +158,8 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
         last_checkpoint: Instant::now(),
         summary: Summary::default(),
         metrics: ConsumerMetrics::new(),
+        symbol_limits,
+        full: BTreeSet::new(),
     };
     let result = consumer_loop.run(rx, shutdown).await;
     stop.store(true, Ordering::Relaxed);

@@ -25,6 +25,8 @@ pub const MAX_DETAIL_BYTES: usize = 256;
 /// Longest key kept on a dead letter, in bytes: keys are symbols, and a
 /// longer one is itself a reason to turn the record away.
 pub const MAX_KEY_BYTES: usize = 256;
+/// Dead letters queued unacknowledged at most, unless `-X` says otherwise.
+const QUEUED: usize = 10_000;
 /// Header with the full length of a payload that was cut.
 pub const PAYLOAD_LENGTH_HEADER: &str = "payload.length";
 /// Header with the SHA-256 (hex) of a payload that was cut.
@@ -97,7 +99,13 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// Checks the producer settings; connects on the first dead letter.
     pub fn new(args: &KafkaArgs) -> Result<Self> {
-        let config = args.producer_config()?;
+        let mut config = args.producer_config()?;
+        // librdkafka queues 100,000 records by default: a topic of nothing
+        // but bad records (a million unknown symbols, say) then holds that
+        // many payloads in memory between checkpoints.
+        if config.get("queue.buffering.max.messages").is_none() {
+            config.set("queue.buffering.max.messages", QUEUED.to_string());
+        }
         Ok(DeadLetters {
             config,
             producer: None,

@@ -181,3 +181,69 @@ async fn a_caseless_symbol_and_tens_of_billions_of_units_flow_exactly_also_throu
     replayed.consume(tempfile::tempdir().expect("tempdir").path()).await;
     assert_eq!(replayed.digest().await.sha256, direct.digest().await.sha256);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symbols_off_the_list_are_dead_letters_and_the_others_exact() {
+    let clean = Lane::new("allow-clean");
+    clean.replay(None, None).await;
+    clean.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    let lane = Lane::new("allow");
+    lane.replay(None, None).await;
+    let mut config = lane.consumer_config(tempfile::tempdir().expect("tempdir").path());
+    config.symbols = Some(["BTCUSDT".to_owned()].into());
+    let summary = cryptopulse::consumer::run(config, std::future::pending()).await.expect("consumer");
+    // The fixtures hold 9,757 BTCUSDT and 6,106 ETHUSDT trades.
+    assert_eq!((summary.counts.applied, summary.counts.rejected), (9_757, 6_106), "{summary:?}");
+    let (mut want, mut got) = (clean.redis().await, lane.redis().await);
+    for key in ["latest:BTCUSDT", "bars:BTCUSDT"] {
+        let dump = async |conn: &mut redis::aio::ConnectionManager, prefix: &str| -> Vec<u8> {
+            redis::cmd("DUMP").arg(format!("{prefix}:{key}")).query_async(conn).await.expect("dump")
+        };
+        assert_eq!(dump(&mut got, &lane.redis.target.prefix).await, dump(&mut want, &clean.redis.target.prefix).await, "{key}");
+    }
+    let symbols: Vec<String> = got.smembers(format!("{}:symbols", lane.redis.target.prefix)).await.expect("symbols");
+    assert_eq!(symbols, ["BTCUSDT"]);
+    let letters = lane.dead_letters(6_106);
+    assert_eq!(letters.len(), 6_106);
+    assert!(letters.iter().all(|l| header(l, "reason") == Some("unknown_symbol")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_holds_at_most_max_symbols_and_a_restart_admits_the_same() {
+    let lane = Lane::new("max-symbols");
+    lane.kafka.ensure_topics().await.expect("topics");
+    let trade = |symbol: &str, id: i64, time: i64| {
+        format!(r#"{{"e":"trade","E":1,"s":"{symbol}","t":{id},"p":"1.5","q":"2","T":{time},"m":false}}"#)
+    };
+    let symbols: Vec<String> = (0..40).map(|i| format!("S{i}USDT")).collect();
+    let producer: FutureProducer = lane.kafka.producer_config().expect("producer config").create().expect("producer");
+    let send = async |id: i64, time: i64| {
+        for symbol in &symbols {
+            let payload = trade(symbol, id, time);
+            let record = FutureRecord::to(&lane.kafka.topic).key(symbol.as_str()).payload(payload.as_str());
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("send");
+        }
+    };
+    send(1, 1_723_161_255_000).await;
+    send(2, 1_723_161_256_500).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = lane.consumer_config(state.path());
+    config.max_symbols = 2;
+    let first = cryptopulse::consumer::run(config.clone(), std::future::pending()).await.expect("consumer");
+    // Six partitions, at most two symbols each; every trade accounted for.
+    let admitted = (first.counts.applied / 2) as usize;
+    assert!((1..=12).contains(&admitted), "{first:?}");
+    assert_eq!((first.counts.applied + first.counts.rejected, first.counts.bars), (80, admitted as u64), "{first:?}");
+    let mut redis = lane.redis().await;
+    let held: Vec<String> = redis.smembers(format!("{}:symbols", lane.redis.target.prefix)).await.expect("symbols");
+    assert_eq!(held.len(), admitted);
+    let letters = lane.dead_letters(80 - 2 * admitted);
+    assert!(letters.len() == 80 - 2 * admitted && letters.iter().all(|l| header(l, "reason") == Some("too_many_symbols")));
+
+    // After a restart the same symbols are in, the others still out.
+    send(3, 1_723_161_258_000).await;
+    let second = cryptopulse::consumer::run(config, std::future::pending()).await.expect("consumer");
+    assert_eq!((second.counts.applied, second.counts.rejected), (first.counts.applied + admitted as u64, 120 - 3 * admitted as u64));
+    let again: Vec<String> = redis.smembers(format!("{}:symbols", lane.redis.target.prefix)).await.expect("symbols");
+    assert_eq!(again.iter().collect::<std::collections::BTreeSet<_>>(), held.iter().collect());
+}

@@ -150,6 +150,8 @@ impl Lane {
             linger: Duration::ZERO,
             idle_finalize: None,
             future_tolerance: cryptopulse::binance::DEFAULT_FUTURE_TOLERANCE,
+            symbols: None,
+            max_symbols: cryptopulse::window::DEFAULT_MAX_SYMBOLS,
         }
     }
 
