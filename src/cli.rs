@@ -4,6 +4,7 @@
 //! [`crate::window::WindowArgs`], [`crate::telemetry::MetricsArgs`]) and is
 //! flattened into each binary.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 /// A clap value parser for a duration (humantime: `30s`, `23h`, `500ms`)
@@ -19,9 +20,17 @@ pub fn duration_between<const MIN_MS: u64, const MAX_MS: u64>(text: &str) -> Res
 }
 
 /// Logging for the binaries: `RUST_LOG` or INFO, to stderr.
+/// Colour only on a terminal, and never with `NO_COLOR` set: escape codes
+/// in `docker compose logs` or a log file are noise to every reader.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let colour = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour).with_writer(std::io::stderr).try_init();
+}
+
+/// Whether to colour: a terminal, and `NO_COLOR` unset or empty (no-color.org).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM. If SIGTERM cannot be
@@ -50,6 +59,13 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None) && colour(true, Some(OsStr::new(""))));
+        assert!(!colour(false, None) && !colour(true, Some(OsStr::new("1"))));
+    }
 
     #[test]
     fn durations_outside_their_range_are_refused_with_it() {

@@ -145,3 +145,24 @@ async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else()
     want.sort();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_logs_without_escape_codes_when_stderr_is_no_terminal() {
+    let lane = Lane::new("no-colour");
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_consumer"));
+    command
+        .args(["--exit-at-end", "--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
+        .args(["--redis-prefix", &lane.redis.target.prefix, "--group-id", &lane.name])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR");
+    let output = tokio::task::spawn_blocking(move || command.output()).await.expect("thread").expect("consumer");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains(cryptopulse::consumer::ASSIGNED_LOG), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log written to a pipe: {log:?}");
+}
