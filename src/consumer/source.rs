@@ -126,8 +126,8 @@ pub fn source_client_config(kafka: &KafkaArgs, group_id: &str) -> Result<ClientC
 type Assigned = (HashMap<i32, i64>, HashMap<i32, i64>, SourceQueue);
 
 /// Assigns `partitions`, every partition of the topic, each at its
-/// checkpointed offset (or the beginning). Returns where each starts, where each ended at start, and
-/// the queue their records come through.
+/// checkpointed offset (or the beginning). Returns where each starts, where
+/// each ended at start, and the queue their records come through.
 pub(super) fn assign(
     consumer: &Arc<SourceConsumer>,
     config: &ConsumerConfig,

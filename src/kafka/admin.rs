@@ -1,7 +1,7 @@
 //! Topic administration: the topics a run needs, created when missing, and
 //! the partitions of an existing one.
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, ConfigResourceResult, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -57,28 +57,31 @@ const CLIENT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// Room kept in a record beside its payload: headers, key and framing.
 const RECORD_OVERHEAD: usize = 4096;
 
-/// The most payload bytes a record to `topic` may carry from a producer
-/// with `config`: the smaller of the client's `message.max.bytes` and the
-/// topic's `max.message.bytes` as the broker reports it, less room for
-/// headers and key. An account that may not describe the topic's
-/// configuration gets the client's limit, with a warning.
-pub async fn payload_room(config: &ClientConfig, topic: &str) -> usize {
+/// The most payload bytes a record to each of `topics` may carry from a
+/// producer with `config`: the smaller of the client's `message.max.bytes`
+/// and the topic's `max.message.bytes` as the broker reports it (one request
+/// for all), less room for headers and key. An account that may not
+/// describe the topics' configuration gets the client's limit, with a
+/// warning.
+pub async fn payload_rooms<const N: usize>(config: &ClientConfig, topics: [&str; N]) -> [usize; N] {
     let client = config.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(CLIENT_MESSAGE_MAX_BYTES);
-    let broker = match max_message_bytes(config, topic).await {
-        Ok(limit) => limit.unwrap_or(client),
+    let broker = match max_message_bytes(config, &topics).await {
+        Ok(limits) => limits,
         Err(e) => {
-            warn!(%topic, error = %e, "cannot read the topic's max.message.bytes; going by the client's message.max.bytes");
-            client
+            warn!(?topics, error = %e, "cannot read the topics' max.message.bytes; going by the client's message.max.bytes");
+            [None; N]
         }
     };
-    client.min(broker).saturating_sub(RECORD_OVERHEAD)
+    broker.map(|limit| client.min(limit.unwrap_or(client)).saturating_sub(RECORD_OVERHEAD))
 }
 
-/// The topic's `max.message.bytes`, if the broker says.
-async fn max_message_bytes(config: &ClientConfig, topic: &str) -> Result<Option<usize>> {
+/// Each topic's `max.message.bytes`, where the broker says.
+async fn max_message_bytes<const N: usize>(config: &ClientConfig, topics: &[&str; N]) -> Result<[Option<usize>; N]> {
     let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| Error::kafka("admin client", e))?;
     let options = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
-    let results =
-        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options).await.map_err(|e| Error::kafka("describe topic", e))?;
-    Ok(results.into_iter().flatten().find_map(|resource| resource.get("max.message.bytes")?.value.as_deref()?.parse().ok()))
+    let resources = topics.map(ResourceSpecifier::Topic);
+    let results = admin.describe_configs(&resources, &options).await.map_err(|e| Error::kafka("describe topics", e))?;
+    let limit = |result: Option<&ConfigResourceResult>| result?.as_ref().ok()?.get("max.message.bytes")?.value.as_deref()?.parse().ok();
+    // The results come in the order of the request.
+    Ok(std::array::from_fn(|i| limit(results.get(i))))
 }

@@ -60,15 +60,11 @@ pub fn describe<'a>(reason: &str, detail: &str, payload: &'a [u8], room: usize) 
     if payload.len() <= room {
         return (headers, payload);
     }
-    let (length, sha256) = (payload.len().to_string(), hex(&Sha256::digest(payload)));
+    let (length, sha256) = (payload.len().to_string(), format!("{:x}", Sha256::digest(payload)));
     let headers = headers
         .insert(Header { key: PAYLOAD_LENGTH_HEADER, value: Some(&length) })
         .insert(Header { key: PAYLOAD_SHA256_HEADER, value: Some(&sha256) });
     (headers, cut(payload, room))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A record that is not a usable trade, on its way to the dead-letter topic.
@@ -118,12 +114,14 @@ impl DeadLetters {
 
     /// Queues one dead letter; waits for earlier ones when the queue is full.
     pub async fn send(&mut self, letter: &DeadLetter) -> Result<()> {
-        if self.producer.is_none() {
-            let producer = self.config.create().map_err(|e| Error::kafka("dead-letter producer", e))?;
-            let room = admin::payload_room(&self.config, &self.topic).await;
-            self.producer = Some((producer, room));
-        }
-        let Some((producer, room)) = &self.producer else { return Err(Error::Invariant("dead-letter producer missing".into())) };
+        let (producer, room) = match &mut self.producer {
+            Some(producer) => producer,
+            slot @ None => {
+                let producer = self.config.create().map_err(|e| Error::kafka("dead-letter producer", e))?;
+                let [room] = admin::payload_rooms(&self.config, [&self.topic]).await;
+                slot.insert((producer, room))
+            }
+        };
         let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
         let (headers, payload) = describe(letter.reason.as_str(), &letter.detail, &letter.payload, *room);
         let headers = headers
@@ -197,7 +195,7 @@ mod tests {
         let (headers, sent) = describe("malformed_json", &"d".repeat(10_000), &payload, 1000);
         assert_eq!(sent, &payload[..1000]);
         assert_eq!(header(&headers, PAYLOAD_LENGTH_HEADER).as_deref(), Some("5000"));
-        assert_eq!(header(&headers, PAYLOAD_SHA256_HEADER), Some(hex(&Sha256::digest(&payload))));
+        assert_eq!(header(&headers, PAYLOAD_SHA256_HEADER), Some(format!("{:x}", Sha256::digest(&payload))));
         assert!(header(&headers, "detail").is_some_and(|d| d.len() <= MAX_DETAIL_BYTES));
     }
 }

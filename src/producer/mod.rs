@@ -160,13 +160,14 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     ] {
         metrics::counter!(name).increment(0);
     }
+    let [raw_room, dlq_room] = admin::payload_rooms(&producer_config, [&config.kafka.topic, &config.kafka.dlq_topic]).await;
     let mut publisher = Publisher {
         producer,
         raw_topic: config.kafka.topic.as_str().into(),
         dlq_topic: config.kafka.dlq_topic.as_str().into(),
         gaps_topic: config.gaps_topic.as_str().into(),
-        raw_room: admin::payload_room(&producer_config, &config.kafka.topic).await,
-        dlq_room: admin::payload_room(&producer_config, &config.kafka.dlq_topic).await,
+        raw_room,
+        dlq_room,
         in_flight: VecDeque::new(),
         summary: ProducerSummary::default(),
     };

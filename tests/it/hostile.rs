@@ -70,7 +70,7 @@ async fn records_too_large_for_a_dead_letter_are_cut_and_the_run_goes_on() {
     assert_eq!((letters[0].1.len(), header(&letters[0], PAYLOAD_LENGTH_HEADER)), (long_symbol.len(), None));
     assert!(letters[1].1.len() < 1_000_000 && long_price.as_bytes().starts_with(&letters[1].1));
     assert_eq!(header(&letters[1], PAYLOAD_LENGTH_HEADER), Some(long_price.len().to_string().as_str()));
-    let sha256: String = Sha256::digest(long_price.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = format!("{:x}", Sha256::digest(long_price.as_bytes()));
     assert_eq!(header(&letters[1], PAYLOAD_SHA256_HEADER), Some(sha256.as_str()));
 }
 
