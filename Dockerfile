@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# One image for every binary of the crate (producer, consumer, record, replay,
-# digest); docker-compose.yml picks the binary with `command:` and configures
+# One image for the services and the tools an operator runs beside them
+# (producer, consumer, record, replay, digest, latest, doctor);
+# docker-compose.yml picks the binary with `command:` and configures
 # it through CRYPTOPULSE_* environment variables.
 #
 #   docker build -t cryptopulse .
@@ -28,7 +29,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bins \
     && mkdir -p /out \
     && cp target/release/producer target/release/consumer target/release/record \
-          target/release/replay target/release/digest target/release/doctor /out/
+          target/release/replay target/release/digest target/release/latest target/release/doctor /out/
 
 # ---- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim

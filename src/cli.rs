@@ -19,13 +19,52 @@ pub fn duration_between<const MIN_MS: u64, const MAX_MS: u64>(text: &str) -> Res
     Ok(value)
 }
 
-/// Logging for the binaries: `RUST_LOG` or INFO, to stderr.
-/// Colour only on a terminal, and never with `NO_COLOR` set: escape codes
-/// in `docker compose logs` or a log file are noise to every reader.
-pub fn init_tracing() {
+/// How log lines are written (`--log-format`, every binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; colour only on a terminal.
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+/// The flags of `C` from the command line, with `--log-format` added to
+/// every binary and logging set up by it; then a refusal of any secret
+/// given as a flag ([`crate::secret`]), with where to put it instead.
+pub fn parse<C: clap::Parser>() -> C {
+    let matches = with_log_format(C::command()).get_matches();
+    init_tracing_as(matches.get_one::<LogFormat>(LOG_FORMAT).copied().unwrap_or(LogFormat::Text));
+    if let Err(message) = crate::secret::refuse_on_command_line(&matches) {
+        with_log_format(C::command()).error(clap::error::ErrorKind::ArgumentConflict, message).exit();
+    }
+    C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+const LOG_FORMAT: &str = "log_format";
+
+fn with_log_format(command: clap::Command) -> clap::Command {
+    command.arg(
+        clap::Arg::new(LOG_FORMAT)
+            .long("log-format")
+            .value_name("FORMAT")
+            .env("CRYPTOPULSE_LOG_FORMAT")
+            .value_parser(clap::value_parser!(LogFormat))
+            .default_value("text")
+            .help("Log lines as text, or as JSON objects one a line for log collectors"),
+    )
+}
+
+/// Logging for the binaries: `RUST_LOG` or INFO, to stderr. Text is in
+/// colour only on a terminal, and never with `NO_COLOR` set: escape codes
+/// in `docker compose logs` or a log file are noise to every reader. The
+/// first call wins.
+pub fn init_tracing_as(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let colour = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(colour).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref())).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
 }
 
 /// Whether to colour: a terminal, and `NO_COLOR` unset or empty (no-color.org).

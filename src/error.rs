@@ -54,10 +54,11 @@ pub enum Error {
     /// A payload that is not a valid trade; keeps the payload itself.
     #[error("cannot decode trade ({reason}: {detail}): {}", String::from_utf8_lossy(payload))]
     Decode { reason: Reject, detail: String, payload: Vec<u8> },
-    /// Redis no longer holds what this consumer wrote (restarted empty or
-    /// flushed): its marker key is gone.
-    #[error("redis lost the data under prefix {prefix:?} (its marker key is gone: restarted empty or flushed)")]
-    RedisDataLost { prefix: String },
+    /// Redis no longer holds bars this consumer wrote for these symbols
+    /// (restarted empty, flushed, a key evicted, a failover, a hand edit):
+    /// their keys were missing or incomplete, and are now deleted.
+    #[error("redis lost bars of {} symbol(s) under prefix {prefix:?} ({}): their keys were missing or incomplete", symbols.len(), crate::error::first_few(symbols))]
+    RedisDataLost { prefix: String, symbols: Vec<String> },
     /// Binance's WebSocket or REST endpoint failed, or answered with an error.
     #[error("binance: {context}: {detail}")]
     Binance { context: String, detail: String },
@@ -158,3 +159,13 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Up to five of `items`, and how many more: for messages about long lists.
+pub fn first_few(items: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = items.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if items.len() > SHOWN {
+        text.push_str(&format!(" and {} more", items.len() - SHOWN));
+    }
+    text
+}

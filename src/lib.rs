@@ -18,7 +18,7 @@
 //! | state     | [`checkpoint`] |
 //! | sink      | [`sink`] (Redis writes and their flags) |
 //! | wiring    | [`consumer`] (its source, loop and writer), [`cli`] (logging and shutdown, shared by every binary) |
-//! | health    | [`telemetry`] (Prometheus names, exporter and flags), [`error`], [`crash_point`] (for the crash harness) |
+//! | health    | [`telemetry`] (Prometheus names, exporter, heartbeat and flags), [`error`], [`crash_point`] (for the crash harness), [`secret`] (secrets from the environment, never shown) |
 //! | tools     | [`tooling`]: [`tooling::bench`], [`tooling::crashtest`], [`tooling::doctor`], [`tooling::digest`] (canonical dump) |
 //!
 //! Modules depend downward only: `scripts/check-layers` fails on a `use`
@@ -39,6 +39,7 @@ pub mod producer;
 pub mod record;
 pub mod rejection;
 pub mod replay;
+pub mod secret;
 pub mod sink;
 pub mod synth;
 pub mod telemetry;

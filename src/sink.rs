@@ -1,6 +1,8 @@
 //! Writes final bars to Redis (SPEC §6): one Lua script call for the bars
-//! of a batch (a few for a large one), in one pipeline. The script makes every write idempotent,
-//! so a bar written again after a crash leaves Redis as it was.
+//! of a batch (a few for a large one), in one pipeline. The script makes
+//! every write idempotent, so a bar written again after a crash leaves
+//! Redis as it was, and checks each symbol's keys before it writes them, so
+//! data Redis lost is noticed per symbol.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use tracing::warn;
 
 use crate::decimal;
 use crate::error::{Error, Result};
+use crate::secret;
 use crate::window::{FinalBar, MetricNames};
 
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -20,14 +23,23 @@ pub const DEFAULT_REDIS_PREFIX: &str = "cryptopulse";
 pub const DEFAULT_RETENTION_SECS: u64 = 24 * 60 * 60;
 
 /// Where Redis is and the prefix of the keys: all the read-only tools need.
-#[derive(Args, Debug, Clone)]
+/// Its `Debug` hides the URL's password.
+#[derive(Args, Clone)]
 pub struct RedisTarget {
-    /// Redis URL; put a password here only through the environment.
+    /// Redis URL. A password goes in CRYPTOPULSE_REDIS_PASSWORD (or a file
+    /// named by CRYPTOPULSE_REDIS_PASSWORD_FILE), or in this URL given
+    /// through its environment variable, never as a flag.
     #[arg(id = "redis_url", long = "redis-url", value_name = "URL", env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
     pub url: String,
     /// Prefix of every key.
     #[arg(id = "redis_prefix", long = "redis-prefix", value_name = "PREFIX", env = "CRYPTOPULSE_REDIS_PREFIX", default_value = DEFAULT_REDIS_PREFIX)]
     pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget").field("url", &secret::redact_url(&self.url)).field("prefix", &self.prefix).finish()
+    }
 }
 
 /// Where Redis is, how its keys are named and how writes are kept.
@@ -53,13 +65,14 @@ impl RedisArgs {
     }
 }
 
-/// The bars of a batch in one call, symbol after symbol: the marker is
-/// checked and the symbols set extended once; per symbol, the latest hash
-/// is replaced only by a newer bar, each bar past the stream's last entry
-/// becomes the stream entry `E-0` and one sorted-set member per metric (one
-/// `ZADD` per sorted set for all of them), a bar not past it (written
-/// before, by a crashed run or a second consumer) replaces any members at
-/// its score instead, and a bar older than the retention is left out.
+/// The bars of a batch in one call, symbol after symbol. Each symbol's keys
+/// are checked first (SPEC §6, loss is noticed per symbol); then, per
+/// symbol, the latest hash is replaced only by a newer bar, each bar past
+/// the stream's last entry becomes the stream entry `E-0` and one
+/// sorted-set member per metric (one `ZADD` per sorted set for all of
+/// them), a bar not past it (written before, by a crashed run or a second
+/// consumer) replaces any members at its score instead, and a bar older
+/// than the retention is left out.
 ///
 /// Retention is kept to whole granules: the cutoff is `newest - retention`
 /// rounded down to a multiple of `granule`, and the stream and sorted sets
@@ -69,30 +82,35 @@ impl RedisArgs {
 /// writing the bars one by one and trimming after each, in a fraction of the
 /// Redis commands.
 ///
-/// The stream's last entry is the latest hash's `window_end`: both take the
-/// newest bar in the same call, and trimming never reaches it.
+/// The check: the hash's `window_end` is at least `previous` (the end of
+/// the symbol's bar before these, which Redis acknowledged), the stream's
+/// last entry is `window_end`, every sorted set of a field each bar has
+/// holds one member per stream entry, and the others at most that and at
+/// least one when the newest bar has the field; without the hash, no other
+/// key of the symbol exists. A symbol that fails it lost data (an evicted
+/// key, a flush, a failover, a hand edit): its keys are deleted, and its
+/// bars are written on the empty keys if they start its history
+/// (`previous` = -1), else left out and the symbol returned, for the
+/// consumer to read its history again. Called with no bars, only the check.
 ///
-/// Nothing is written, and -1 returned, when the marker is gone: Redis lost
-/// the data, and writing newer bars into the gap would block the rebuild
-/// (a stream only takes entries newer than its last).
-///
-/// KEYS: symbols, marker, then per symbol its latest hash, stream and one
-/// sorted set per metric. ARGV: retention_ms, granule_ms, n, n field names,
-/// s, per sorted set the 1-based index of its field, then per symbol: the
-/// symbol, m, and m bars in ascending window_end, each window_end and n
-/// values ('' = absent). Returns the number of bars.
+/// KEYS: per symbol its latest hash, stream and one sorted set per metric.
+/// ARGV: retention_ms, granule_ms, n, n field names, s, per sorted set the
+/// 1-based index of its field and 1 if every bar has the field (else 0),
+/// then per symbol: the symbol, previous, m, and m bars in ascending
+/// window_end, each window_end and n values ('' = absent). Returns the
+/// number of bars written and the symbols that lost data.
 const WRITE_BARS: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  return -1
-end
 local retention = tonumber(ARGV[1])
 local granule = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local sets = tonumber(ARGV[4 + n])
 local stride = n + 1
-local names, set_field = {}, {}
+local names, set_field, set_required = {}, {}, {}
 for i = 1, n do names[i] = ARGV[3 + i] end
-for k = 1, sets do set_field[k] = tonumber(ARGV[4 + n + k]) end
+for k = 1, sets do
+  set_field[k] = tonumber(ARGV[3 + n + 2 * k])
+  set_required[k] = ARGV[4 + n + 2 * k] == '1'
+end
 -- unpack() takes at most a few thousand values: long lists go in chunks.
 -- The first `count` values of `list`.
 local CHUNK = 2000
@@ -104,6 +122,22 @@ end
 local function cutoff_of(newest)
   local c = newest - retention
   return c - (c % granule)
+end
+-- Whether the keys from KEYS[key] on hold what the writes leave (see the
+-- doc comment); `old` is the hash's window_end as Redis gave it, or false.
+local function intact(key, old)
+  if not old then
+    return redis.call('EXISTS', unpack(KEYS, key + 1, key + 1 + sets)) == 0
+  end
+  local top = redis.call('XREVRANGE', KEYS[key + 1], '+', '-', 'COUNT', 1)
+  if #top == 0 or top[1][1] ~= old .. '-0' then return false end
+  local len = redis.call('XLEN', KEYS[key + 1])
+  for k = 1, sets do
+    local card = redis.call('ZCARD', KEYS[key + 1 + k])
+    if card > len or (set_required[k] and card < len) then return false end
+    if card == 0 and redis.call('HEXISTS', KEYS[key], names[set_field[k]]) == 1 then return false end
+  end
+  return true
 end
 -- The field-value pairs of the bar at `at` into `kv`; returns their count.
 -- `kv_of` is the bar `kv` holds: the newest bar's pairs serve the hash and
@@ -123,78 +157,92 @@ local function fields(at)
   kv_of, kv_count = at, count
   return count
 end
-local symbols, written = {}, 0
+local written, lost = 0, {}
 -- Per sorted set, its new members (score, member pairs) for this symbol:
 -- the tables are reused from symbol to symbol, `counts` says how much of
 -- each is this symbol's.
 local members, counts = {}, {}
 for k = 1, sets do members[k] = {} end
-local at, key = 5 + n + sets, 3
+local at, key = 5 + n + 2 * sets, 1
 while at <= #ARGV do
-  local m = tonumber(ARGV[at + 1])
-  symbols[#symbols + 1] = ARGV[at]
+  local previous, m = tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
   local latest, stream = KEYS[key], KEYS[key + 1]
-  local first, last = at + 2, at + 2 + (m - 1) * stride
-  local old = tonumber(redis.call('HGET', latest, 'window_end') or '-1')
-  local newest = math.max(old, tonumber(ARGV[last]))
-  local cutoff = cutoff_of(newest)
-  if newest > old then
-    local count = fields(last)
-    if old >= 0 and count < 2 * n then
-      redis.call('DEL', latest)
-    end
-    redis.call('HSET', latest, 'window_end', ARGV[last], unpack(kv, 1, count))
+  local first = at + 3
+  local last = first + (m - 1) * stride
+  local old_text = redis.call('HGET', latest, 'window_end')
+  local old = tonumber(old_text or '-1')
+  local whole = old >= previous and intact(key, old_text)
+  if not whole then
+    redis.call('DEL', unpack(KEYS, key, key + 1 + sets))
+    old = -1
+    if previous >= 0 then lost[#lost + 1] = ARGV[at] end
   end
-  for k = 1, sets do counts[k] = 0 end
-  for bar = first, last, stride do
-    local e = tonumber(ARGV[bar])
-    if e >= cutoff then
-      if e > old then
-        redis.call('XADD', stream, ARGV[bar] .. '-0', unpack(kv, 1, fields(bar)))
+  if m > 0 and (whole or previous < 0) then
+    local newest = math.max(old, tonumber(ARGV[last]))
+    local cutoff = cutoff_of(newest)
+    if newest > old then
+      local count = fields(last)
+      if old >= 0 and count < 2 * n then
+        redis.call('DEL', latest)
       end
-      for k = 1, sets do
-        local value = ARGV[bar + set_field[k]]
-        if e <= old then
-          redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], ARGV[bar], ARGV[bar])
-          if value ~= '' then
-            redis.call('ZADD', KEYS[key + 1 + k], ARGV[bar], ARGV[bar] .. ':' .. value)
-          end
-        elseif value ~= '' then
-          -- The score as its string: a Lua number would be printed again.
-          local list, c = members[k], counts[k]
-          list[c + 1] = ARGV[bar]
-          list[c + 2] = ARGV[bar] .. ':' .. value
-          counts[k] = c + 2
+      redis.call('HSET', latest, 'window_end', ARGV[last], unpack(kv, 1, count))
+    end
+    for k = 1, sets do counts[k] = 0 end
+    for bar = first, last, stride do
+      local e = tonumber(ARGV[bar])
+      if e >= cutoff then
+        if e > old then
+          redis.call('XADD', stream, ARGV[bar] .. '-0', unpack(kv, 1, fields(bar)))
         end
+        for k = 1, sets do
+          local value = ARGV[bar + set_field[k]]
+          if e <= old then
+            redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], ARGV[bar], ARGV[bar])
+            if value ~= '' then
+              redis.call('ZADD', KEYS[key + 1 + k], ARGV[bar], ARGV[bar] .. ':' .. value)
+            end
+          elseif value ~= '' then
+            -- The score as its string: a Lua number would be printed again.
+            local list, c = members[k], counts[k]
+            list[c + 1] = ARGV[bar]
+            list[c + 2] = ARGV[bar] .. ':' .. value
+            counts[k] = c + 2
+          end
+        end
+        written = written + 1
       end
-      written = written + 1
     end
-  end
-  for k = 1, sets do
-    call_chunked('ZADD', KEYS[key + 1 + k], members[k], counts[k])
-  end
-  if old >= 0 and cutoff > 0 and cutoff > cutoff_of(old) then
-    local text = string.format('%d', cutoff)
-    redis.call('XTRIM', stream, 'MINID', text)
     for k = 1, sets do
-      redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], '-inf', '(' .. text)
+      call_chunked('ZADD', KEYS[key + 1 + k], members[k], counts[k])
+    end
+    if old >= 0 and cutoff > 0 and cutoff > cutoff_of(old) then
+      local text = string.format('%d', cutoff)
+      redis.call('XTRIM', stream, 'MINID', text)
+      for k = 1, sets do
+        redis.call('ZREMRANGEBYSCORE', KEYS[key + 1 + k], '-inf', '(' .. text)
+      end
     end
   end
-  at, key = last + stride, key + 2 + sets
+  at, key = first + m * stride, key + 2 + sets
 end
-call_chunked('SADD', KEYS[1], symbols, #symbols)
-return written
+return {written, lost}
 "#;
 
 /// Fields of a bar that also have a sorted set (0-based, in [`fields_of`]
-/// order): close, volume, vwap_1s, vwap_5s, rsi_14.
-const SERIES: [usize; 5] = [0, 1, 5, 6, 7];
+/// order): close, volume, vwap_1s, vwap_5s, rsi_14; and whether every bar
+/// has the field (RSI comes only once its period is seeded).
+const SERIES: [(usize, bool); 5] = [(3, true), (4, true), (8, true), (9, true), (10, false)];
+
+/// Fields of a bar in the latest hash and the stream.
+const FIELDS: usize = 11;
 
 /// The Redis side of the consumer.
 pub struct RedisSink {
     conn: ConnectionManager,
     /// Time of each pipelined write that Redis answered.
     write_seconds: metrics::Histogram,
+    retries: metrics::Counter,
+    errors: metrics::Counter,
     script: Script,
     keys: Keys,
     names: MetricNames,
@@ -202,7 +250,8 @@ pub struct RedisSink {
     retry_for: Duration,
 }
 
-/// Key names under a prefix (SPEC §6).
+/// Key names under a prefix (SPEC §6). A symbol's keys carry it in braces,
+/// a Redis Cluster hash tag: all of them live in one slot.
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub prefix: String,
@@ -238,27 +287,74 @@ impl Keys {
         self.write(&mut key, parts);
         key
     }
+    /// `prefix:kind:{symbol}` and any more parts after it.
     fn write(&self, out: &mut String, parts: &[&str]) {
         out.clear();
         out.push_str(&self.prefix);
-        for part in parts {
+        for (i, part) in parts.iter().enumerate() {
             out.push(':');
-            out.push_str(part);
+            if i == 1 {
+                out.push('{');
+                out.push_str(part);
+                out.push('}');
+            } else {
+                out.push_str(part);
+            }
         }
     }
-    /// Kept next to the data: if it is gone, so is the data.
-    pub fn marker(&self) -> String {
+    /// Names the layout the keys under the prefix follow ([`LAYOUT`]).
+    pub fn layout(&self) -> String {
+        format!("{}:layout", self.prefix)
+    }
+    /// The key by which builds before the hash-tagged layout marked their data.
+    pub fn earlier_marker(&self) -> String {
         format!("{}:marker", self.prefix)
     }
 }
 
-/// The marker's value: the version of the Redis layout.
-pub const MARKER_VALUE: &str = "cryptopulse-v1";
+/// The layout of the keys this build writes: hash-tagged symbol keys with
+/// open, high and low (SPEC §6). The earlier layout was `cryptopulse-v1`.
+pub const LAYOUT: &str = "cryptopulse-v2";
+
+/// A client for `url`, with the password from CRYPTOPULSE_REDIS_PASSWORD
+/// (or its `_FILE`) when the URL carries none.
+pub fn client(url: &str) -> Result<redis::Client> {
+    let mut info: redis::ConnectionInfo = url.parse().map_err(|e| Error::redis(format!("parse url {}", secret::redact_url(url)), e))?;
+    if info.redis.password.is_none() {
+        info.redis.password = secret::from_env(secret::REDIS_PASSWORD_ENV)?;
+    }
+    redis::Client::open(info).map_err(|e| Error::redis("open client", e))
+}
+
+/// One plain connection and a PING first: credentials Redis refuses (a
+/// wrong password, none given, an unknown user) are said at once, naming
+/// where the password comes from, instead of being retried for minutes.
+/// Any other failure is left to the connection manager's retries.
+async fn refused_credentials(client: &redis::Client, url: &str) -> Result<()> {
+    let config =
+        redis::AsyncConnectionConfig::new().set_connection_timeout(Duration::from_secs(5)).set_response_timeout(Duration::from_secs(10));
+    let answer = match client.get_multiplexed_async_connection_with_config(&config).await {
+        Ok(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Err(e) if e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS")) => {
+            Err(Error::Config(format!(
+                "redis at {} refused the credentials ({e}); the password comes from the URL, {} or the file named by {}_FILE",
+                secret::redact_url(url),
+                secret::REDIS_PASSWORD_ENV,
+                secret::REDIS_PASSWORD_ENV
+            )))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Opens a connection manager that reconnects by itself and gives up on a
 /// single request after a while, so a paused Redis surfaces as an error.
 pub async fn connect(url: &str) -> Result<ConnectionManager> {
-    let client = redis::Client::open(url).map_err(|e| Error::redis("parse url", e))?;
+    let client = client(url)?;
+    refused_credentials(&client, url).await?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Duration::from_secs(5))
         .set_response_timeout(Duration::from_secs(10))
@@ -270,9 +366,16 @@ impl RedisSink {
     pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
         let conn = connect(url).await?;
         let write_seconds = metrics::histogram!(crate::telemetry::REDIS_WRITE_SECONDS);
+        let (retries, errors) =
+            (metrics::counter!(crate::telemetry::REDIS_WRITE_RETRIES), metrics::counter!(crate::telemetry::REDIS_WRITE_ERRORS));
+        // At zero from the start: a rate needs the series before the first increment.
+        retries.increment(0);
+        errors.increment(0);
         Ok(RedisSink {
             conn,
             write_seconds,
+            retries,
+            errors,
             script: write_script(),
             keys: Keys { prefix: prefix.to_owned() },
             names,
@@ -281,23 +384,31 @@ impl RedisSink {
         })
     }
 
-    /// Checks that Redis still holds this consumer's data. `has_written`:
-    /// the checkpoint says bars were written before. Sets the marker on a
-    /// first start; without it after bars were written the data is lost.
-    pub async fn check_marker(&mut self, has_written: bool) -> Result<()> {
-        let marker = self.keys.marker();
-        let present: bool =
-            redis::cmd("EXISTS").arg(&marker).query_async(&mut self.conn).await.map_err(|e| Error::redis("check marker", e))?;
-        match (present, has_written) {
-            (true, _) => Ok(()),
-            (false, true) => Err(Error::RedisDataLost { prefix: self.keys.prefix.clone() }),
-            (false, false) => redis::cmd("SET")
-                .arg(&marker)
-                .arg(MARKER_VALUE)
-                .query_async(&mut self.conn)
-                .await
-                .map_err(|e| Error::redis("set marker", e)),
+    /// Checks that Redis still holds every symbol's bars up to `written`
+    /// (symbol, end of its newest bar written before), as each write does
+    /// for its symbols: a symbol that went quiet is otherwise checked only
+    /// when it trades again. Names the layout under the prefix.
+    pub async fn check(&mut self, written: &[(&str, i64)]) -> Result<()> {
+        redis::cmd("SET")
+            .arg(self.keys.layout())
+            .arg(LAYOUT)
+            .query_async::<()>(&mut self.conn)
+            .await
+            .map_err(|e| Error::redis("set layout", e))?;
+        let lost = self.lost_of(written).await?;
+        self.lost(lost)
+    }
+
+    /// The symbols of `written` whose bars Redis lost (see [`check`](Self::check));
+    /// their keys are deleted.
+    pub async fn lost_of(&mut self, written: &[(&str, i64)]) -> Result<Vec<String>> {
+        let groups: Vec<Group<'_>> = written.iter().map(|&(symbol, previous)| Group { symbol, previous, bars: Vec::new() }).collect();
+        let mut lost = Vec::new();
+        for chunk in groups.chunks(CHECKS_PER_CALL) {
+            let pipe = calls(&self.script, &self.keys, &field_names(&self.names), self.retention_ms, chunk);
+            lost.extend(self.run(&pipe).await?);
         }
+        Ok(lost)
     }
 
     /// Writes bars, retrying with backoff while Redis is unreachable, up to
@@ -316,11 +427,17 @@ impl RedisSink {
                     return Ok(());
                 }
                 Err(e) if e.is_retryable() && started.elapsed() < self.retry_for => {
+                    self.retries.increment(1);
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis write failed, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(e),
+                // Lost data is no failure of the write: the consumer repairs it.
+                Err(e @ Error::RedisDataLost { .. }) => return Err(e),
+                Err(e) => {
+                    self.errors.increment(1);
+                    return Err(e);
+                }
             }
         }
     }
@@ -328,7 +445,13 @@ impl RedisSink {
     /// One pipeline of script calls, each symbol's bars in order.
     async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
         let pipe = bars_pipeline(&self.script, &self.keys, &self.names, self.retention_ms, bars);
-        let replies: Vec<i64> = match pipe.query_async(&mut self.conn).await {
+        let lost = self.run(&pipe).await?;
+        self.lost(lost)
+    }
+
+    /// Sends a pipeline of script calls; the symbols that lost data.
+    async fn run(&mut self, pipe: &redis::Pipeline) -> Result<Vec<String>> {
+        let replies: Vec<(u64, Vec<String>)> = match pipe.query_async(&mut self.conn).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 // Redis restarted or flushed its scripts: load and go again.
                 self.script.prepare_invoke().load_async(&mut self.conn).await.map_err(|e| Error::redis("load script", e))?;
@@ -336,10 +459,14 @@ impl RedisSink {
             }
             other => other.map_err(|e| Error::redis("write bars", e))?,
         };
-        if replies.contains(&-1) {
-            return Err(Error::RedisDataLost { prefix: self.keys.prefix.clone() });
+        Ok(replies.into_iter().flat_map(|(_, lost)| lost).collect())
+    }
+
+    fn lost(&self, symbols: Vec<String>) -> Result<()> {
+        if symbols.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        Err(Error::RedisDataLost { prefix: self.keys.prefix.clone(), symbols })
     }
 
     pub fn keys(&self) -> &Keys {
@@ -363,43 +490,61 @@ pub fn granule_ms(retention_ms: i64) -> i64 {
     (retention_ms / 100).clamp(1, 60_000)
 }
 
+/// Symbols checked per script call when no bars come with them.
+const CHECKS_PER_CALL: usize = 1024;
+
 /// The pipeline that writes `bars`: calls of `script` with whole symbols'
 /// bars, the symbols in the order they first appear, each symbol's bars in
-/// window order.
+/// window order; then the symbols set.
 pub fn bars_pipeline(script: &Script, keys: &Keys, names: &MetricNames, retention_ms: i64, bars: &[FinalBar]) -> redis::Pipeline {
-    let mut groups = by_symbol(bars);
-    let field_names = field_names(names);
+    let groups = by_symbol(bars);
+    let mut pipe = calls(script, keys, &field_names(names), retention_ms, &groups);
+    let symbols: Vec<&str> = groups.iter().map(|g| g.symbol).collect();
+    for chunk in symbols.chunks(BARS_PER_CALL) {
+        pipe.cmd("SADD").arg(keys.symbols()).arg(chunk).ignore();
+    }
+    pipe
+}
+
+/// Script calls for `groups`, as many whole groups in each as fit.
+fn calls(script: &Script, keys: &Keys, field_names: &[String; FIELDS], retention_ms: i64, groups: &[Group<'_>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
-    let mut rest = groups.as_mut_slice();
+    let mut rest = groups;
     while !rest.is_empty() {
         let mut take = 1;
-        let mut in_call = rest[0].1.len();
-        while take < rest.len() && in_call + rest[take].1.len() <= BARS_PER_CALL {
-            in_call += rest[take].1.len();
+        let mut in_call = rest[0].bars.len();
+        while take < rest.len() && in_call + rest[take].bars.len() <= BARS_PER_CALL && take < CHECKS_PER_CALL {
+            in_call += rest[take].bars.len();
             take += 1;
         }
-        let (call, later) = rest.split_at_mut(take);
-        pipe.add_command(script_call(script, keys, &field_names, retention_ms, call));
+        let (call, later) = rest.split_at(take);
+        pipe.add_command(script_call(script, keys, field_names, retention_ms, call));
         rest = later;
     }
     pipe
 }
 
-/// A symbol and its bars, in window order.
-type SymbolBars<'a> = (&'a str, Vec<&'a FinalBar>);
+/// A symbol, the end of its bar written before these (-1 if none), and its
+/// bars, in window order.
+struct Group<'a> {
+    symbol: &'a str,
+    previous: i64,
+    bars: Vec<&'a FinalBar>,
+}
 
-fn by_symbol(bars: &[FinalBar]) -> Vec<SymbolBars<'_>> {
-    let mut groups: Vec<SymbolBars<'_>> = Vec::new();
+fn by_symbol(bars: &[FinalBar]) -> Vec<Group<'_>> {
+    let mut groups: Vec<Group<'_>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for bar in bars {
         let at = *index.entry(bar.symbol.as_str()).or_insert_with(|| {
-            groups.push((bar.symbol.as_str(), Vec::new()));
+            groups.push(Group { symbol: bar.symbol.as_str(), previous: -1, bars: Vec::new() });
             groups.len() - 1
         });
-        groups[at].1.push(bar);
+        groups[at].bars.push(bar);
     }
-    for (_, group) in &mut groups {
-        group.sort_by_key(|bar| bar.end);
+    for group in &mut groups {
+        group.bars.sort_by_key(|bar| bar.end);
+        group.previous = group.bars[0].previous.unwrap_or(-1);
     }
     groups
 }
@@ -408,18 +553,17 @@ fn by_symbol(bars: &[FinalBar]) -> Vec<SymbolBars<'_>> {
 /// a script invocation keeps every key and argument in a vector of its own,
 /// and with thousands of symbols a batch has two dozen of them per bar.
 /// Keys and values are formatted into one reused buffer.
-fn script_call(script: &Script, keys: &Keys, field_names: &[String; 8], retention_ms: i64, groups: &[SymbolBars<'_>]) -> redis::Cmd {
+fn script_call(script: &Script, keys: &Keys, field_names: &[String; FIELDS], retention_ms: i64, groups: &[Group<'_>]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(2 + groups.len() * (2 + SERIES.len()));
+    cmd.arg(script.get_hash()).arg(groups.len() * (2 + SERIES.len()));
     let mut buf = String::with_capacity(64);
-    cmd.arg(keys.symbols()).arg(keys.marker());
-    for (symbol, _) in groups {
-        keys.write_latest(&mut buf, symbol);
+    for group in groups {
+        keys.write_latest(&mut buf, group.symbol);
         cmd.arg(buf.as_str());
-        keys.write_bars(&mut buf, symbol);
+        keys.write_bars(&mut buf, group.symbol);
         cmd.arg(buf.as_str());
-        for &i in &SERIES {
-            keys.write_series(&mut buf, symbol, &field_names[i]);
+        for &(i, _) in &SERIES {
+            keys.write_series(&mut buf, group.symbol, &field_names[i]);
             cmd.arg(buf.as_str());
         }
     }
@@ -428,12 +572,12 @@ fn script_call(script: &Script, keys: &Keys, field_names: &[String; 8], retentio
         cmd.arg(name.as_str());
     }
     cmd.arg(SERIES.len());
-    for &i in &SERIES {
-        cmd.arg(i + 1);
+    for &(i, every_bar) in &SERIES {
+        cmd.arg(i + 1).arg(u8::from(every_bar));
     }
-    for (symbol, group) in groups {
-        cmd.arg(*symbol).arg(group.len());
-        for bar in group {
+    for group in groups {
+        cmd.arg(group.symbol).arg(group.previous).arg(group.bars.len());
+        for bar in &group.bars {
             cmd.arg(bar.end);
             for field in 0..field_names.len() {
                 buf.clear();
@@ -446,7 +590,8 @@ fn script_call(script: &Script, keys: &Keys, field_names: &[String; 8], retentio
 }
 
 /// The fields of a bar in the latest hash and the stream, in a fixed order:
-/// close, volume, trades, buy_volume, sell_volume, vwap_1s, vwap_5s, rsi_14.
+/// open, high, low, close, volume, trades, buy_volume, sell_volume,
+/// vwap_1s, vwap_5s, rsi_14.
 /// Decimal values keep all eight places; floats are printed in their
 /// shortest exact form, so the same bar always gives the same bytes.
 pub fn fields_of(bar: &FinalBar, names: &MetricNames) -> Vec<(String, Option<String>)> {
@@ -454,8 +599,11 @@ pub fn fields_of(bar: &FinalBar, names: &MetricNames) -> Vec<(String, Option<Str
 }
 
 /// The names of [`fields_of`].
-pub fn field_names(names: &MetricNames) -> [String; 8] {
+pub fn field_names(names: &MetricNames) -> [String; FIELDS] {
     [
+        "open".into(),
+        "high".into(),
+        "low".into(),
         "close".into(),
         "volume".into(),
         "trades".into(),
@@ -468,7 +616,7 @@ pub fn field_names(names: &MetricNames) -> [String; 8] {
 }
 
 /// The values of [`fields_of`], `None` where a value is absent.
-pub fn field_values(bar: &FinalBar) -> [Option<String>; 8] {
+pub fn field_values(bar: &FinalBar) -> [Option<String>; FIELDS] {
     std::array::from_fn(|field| {
         let mut value = String::new();
         write_field(bar, field, &mut value).then_some(value)
@@ -481,13 +629,16 @@ fn write_field(bar: &FinalBar, field: usize, out: &mut String) -> bool {
     use std::fmt::Write;
     let fixed = |out: &mut String, units: i128| decimal::write(out, units, decimal::SCALE as u32);
     let _ = match field {
-        0 => fixed(out, bar.bar.close),
-        1 => fixed(out, bar.bar.volume),
-        2 => write!(out, "{}", bar.bar.trades),
-        3 => fixed(out, bar.bar.buy_volume),
-        4 => fixed(out, bar.bar.sell_volume()),
-        5 => write!(out, "{}", bar.vwap_bar),
-        6 => write!(out, "{}", bar.vwap_long),
+        0 => fixed(out, bar.bar.open),
+        1 => fixed(out, bar.bar.high),
+        2 => fixed(out, bar.bar.low),
+        3 => fixed(out, bar.bar.close),
+        4 => fixed(out, bar.bar.volume),
+        5 => write!(out, "{}", bar.bar.trades),
+        6 => fixed(out, bar.bar.buy_volume),
+        7 => fixed(out, bar.bar.sell_volume()),
+        8 => write!(out, "{}", bar.vwap_bar),
+        9 => write!(out, "{}", bar.vwap_long),
         _ => match bar.rsi {
             Some(rsi) => write!(out, "{rsi}"),
             None => return false,

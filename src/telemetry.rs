@@ -17,12 +17,56 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::window::FinalBar;
 
-/// Where the Prometheus endpoint listens, if anywhere.
+/// Where the Prometheus endpoint listens, if anywhere, and how often a live
+/// service logs its heartbeat.
 #[derive(Args, Debug, Clone)]
 pub struct MetricsArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics; off when absent.
     #[arg(long, env = "CRYPTOPULSE_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between INFO heartbeat lines of a live service (rates,
+    /// lag, dead letters); 0 for none.
+    #[arg(long, env = "CRYPTOPULSE_HEARTBEAT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub heartbeat_secs: u64,
+}
+
+impl MetricsArgs {
+    /// The heartbeat period, if any.
+    pub fn heartbeat(&self) -> Option<Duration> {
+        (self.heartbeat_secs > 0).then(|| Duration::from_secs(self.heartbeat_secs))
+    }
+}
+
+/// When a live service logs its heartbeat line, and the per-second rates of
+/// its running totals since the last one.
+#[derive(Debug)]
+pub struct Heartbeat {
+    every: Option<Duration>,
+    last: Instant,
+    totals: Vec<u64>,
+}
+
+impl Heartbeat {
+    /// Beats every `every` (never without), the first one `every` from now.
+    pub fn new(every: Option<Duration>) -> Self {
+        Heartbeat { every, last: Instant::now(), totals: Vec::new() }
+    }
+
+    /// Whether a beat is due now.
+    pub fn is_due(&self) -> bool {
+        self.every.is_some_and(|every| self.last.elapsed() >= every)
+    }
+
+    /// A beat: per second, what each of `totals` (running totals, always in
+    /// the same order; the first beat counts from zero) grew by since the last.
+    pub fn beat<const N: usize>(&mut self, totals: [u64; N]) -> [f64; N] {
+        let seconds = self.last.elapsed().as_secs_f64().max(1e-3);
+        let rates = std::array::from_fn(|i| totals[i].saturating_sub(self.totals.get(i).copied().unwrap_or(0)) as f64 / seconds);
+        let round = |rate: f64| (rate * 10.0).round() / 10.0;
+        self.last = Instant::now();
+        self.totals = totals.to_vec();
+        rates.map(round)
+    }
 }
 
 // Consumer.
@@ -44,6 +88,14 @@ pub const CONSUMER_LAG: &str = "cryptopulse_consumer_lag";
 pub const CHECKPOINT_SECONDS: &str = "cryptopulse_checkpoint_seconds";
 /// Histogram: one pipelined Redis write of a batch's bars.
 pub const REDIS_WRITE_SECONDS: &str = "cryptopulse_redis_write_seconds";
+/// Redis writes that failed and were retried (Redis away, paused or slow).
+pub const REDIS_WRITE_RETRIES: &str = "cryptopulse_redis_write_retries_total";
+/// Redis writes given up on: an error no retry fixes, or retries ran out.
+pub const REDIS_WRITE_ERRORS: &str = "cryptopulse_redis_write_errors_total";
+/// Gauge, label `symbol`: Unix time (wall clock) at which Redis acknowledged
+/// the symbol's newest bar; as many series as symbols (`--max-symbols`
+/// bounds them per partition).
+pub const LAST_BAR_WRITTEN: &str = "cryptopulse_last_bar_written_timestamp_seconds";
 /// Histogram, per bar: wall time of the Redis ack minus the bar's end E, the
 /// latest trade time a bar holds; for a bar closed by the next second's
 /// first trade this is that trade's exchange-to-Redis time.
@@ -69,7 +121,7 @@ pub const GAP_TRADES_UNFILLED: &str = "cryptopulse_gap_trades_unfilled_total";
 pub const PRODUCER_IN_FLIGHT: &str = "cryptopulse_producer_in_flight";
 
 /// Every name above: what the dashboard may query.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 21] = [
     CONSUMER_RECORDS,
     CONSUMER_TRADES_APPLIED,
     BARS_WRITTEN,
@@ -79,6 +131,9 @@ pub const ALL: [&str; 18] = [
     CONSUMER_LAG,
     CHECKPOINT_SECONDS,
     REDIS_WRITE_SECONDS,
+    REDIS_WRITE_RETRIES,
+    REDIS_WRITE_ERRORS,
+    LAST_BAR_WRITTEN,
     TRADE_TO_REDIS_SECONDS,
     BAR_LATENCY_SECONDS,
     PRODUCER_TRADES,
@@ -136,6 +191,9 @@ fn describe() {
     describe_gauge!(CONSUMER_LAG, "High watermark minus the next offset to read, per partition");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "One synced RocksDB checkpoint write");
     describe_histogram!(REDIS_WRITE_SECONDS, Unit::Seconds, "One pipelined Redis write of bars");
+    describe_counter!(REDIS_WRITE_RETRIES, "Redis writes that failed and were retried");
+    describe_counter!(REDIS_WRITE_ERRORS, "Redis writes given up on");
+    describe_gauge!(LAST_BAR_WRITTEN, Unit::Seconds, "Unix time at which Redis acknowledged the symbol's newest bar");
     describe_histogram!(TRADE_TO_REDIS_SECONDS, Unit::Seconds, "Redis ack wall time minus the bar's end (trade time)");
     describe_histogram!(BAR_LATENCY_SECONDS, Unit::Seconds, "Poll of the closing trade (or tick) to the Redis ack of its bar");
     describe_counter!(PRODUCER_TRADES, "Trades acknowledged by the broker");
@@ -184,9 +242,15 @@ impl ConsumerMetrics {
         }
         let latency = since.elapsed().as_secs_f64();
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64;
+        let mut previous: Option<&str> = None;
         for bar in bars {
             self.bar_latency.record(latency);
             self.trade_to_redis.record(now_ms.saturating_sub(bar.end).max(0) as f64 / 1000.0);
+            // Once per run of a symbol's bars: a registry lookup each.
+            if previous != Some(bar.symbol.as_str()) {
+                metrics::gauge!(LAST_BAR_WRITTEN, "symbol" => bar.symbol.clone()).set(now_ms as f64 / 1000.0);
+                previous = Some(bar.symbol.as_str());
+            }
         }
         self.bars.increment(bars.len() as u64);
     }
@@ -206,6 +270,18 @@ pub fn dead_letter(reason: &'static str) {
 /// Sets the lag gauge of one partition.
 pub fn set_lag(partition: i32, lag: i64) {
     metrics::gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag.max(0) as f64);
+    if let Ok(mut lags) = LAGS.lock() {
+        lags.insert(partition, lag.max(0));
+    }
+}
+
+/// The last lag of each partition, for the heartbeat line.
+static LAGS: std::sync::Mutex<std::collections::BTreeMap<i32, i64>> = std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The consumer's lag over all partitions, once librdkafka reported it.
+pub fn total_lag() -> Option<i64> {
+    let lags = LAGS.lock().ok()?;
+    (!lags.is_empty()).then(|| lags.values().sum())
 }
 
 #[cfg(test)]
@@ -219,9 +295,25 @@ mod tests {
             assert!(name.starts_with("cryptopulse_") && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
             assert!(seen.insert(name), "{name} twice");
             let counter = name.ends_with("_total");
-            let gauge = [CONSUMER_LAG, PRODUCER_IN_FLIGHT].contains(&name);
+            let gauge = [CONSUMER_LAG, PRODUCER_IN_FLIGHT].contains(&name) || name.ends_with("_timestamp_seconds");
             assert!(counter || gauge || name.ends_with("_seconds"), "{name}: a counter ends in _total, a histogram in its unit");
         }
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_heartbeat_gives_rates_since_the_last_one() {
+        let mut heartbeat = Heartbeat::new(Some(Duration::from_millis(200)));
+        assert!(!heartbeat.is_due());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(heartbeat.is_due());
+        let [a, b] = heartbeat.beat([1_000, 0]);
+        // 1,000 over a quarter second or a little more.
+        assert!((1_000.0..=4_000.0).contains(&a) && b == 0.0, "{a} {b}");
+        assert!(!heartbeat.is_due());
+        std::thread::sleep(Duration::from_millis(250));
+        let [a, b] = heartbeat.beat([1_000, 500]);
+        assert!(a == 0.0 && (500.0..=2_000.0).contains(&b), "{a} {b}");
+        assert!(!Heartbeat::new(None).is_due());
     }
 }

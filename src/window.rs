@@ -171,6 +171,10 @@ pub struct FinalBar {
     pub symbol: String,
     /// End of the bar, ms: the bar holds trades with start <= T < end.
     pub end: i64,
+    /// End of the symbol's final bar before this one, if the state has one:
+    /// that bar was written to Redis before this one was made (SPEC §6, loss
+    /// is noticed per symbol).
+    pub previous: Option<i64>,
     pub bar: Bar,
     pub vwap_bar: f64,
     pub vwap_long: f64,
@@ -489,8 +493,14 @@ impl SymbolWindow {
         }
     }
 
+    /// End of the symbol's newest final bar, if it has one.
+    pub fn last_final_end(&self, cfg: &WindowConfig) -> Option<i64> {
+        self.rsi.last_start.map(|start| start + cfg.bar_ms)
+    }
+
     fn finalize(&mut self, symbol: &str, bar: Bar, cfg: &WindowConfig) -> FinalBar {
         let end = bar.start + cfg.bar_ms;
+        let previous = self.last_final_end(cfg);
         self.rsi.on_close(bar.start, bar.close, cfg);
         self.recent.push_back(Recent { start: bar.start, quote_volume: bar.quote_volume, volume: bar.volume });
         while self.recent.front().is_some_and(|r| r.start < end - cfg.vwap_ms) {
@@ -500,6 +510,7 @@ impl SymbolWindow {
         FinalBar {
             symbol: symbol.to_owned(),
             end,
+            previous,
             vwap_bar: decimal::ratio(bar.quote_volume, bar.volume, 8),
             vwap_long: decimal::ratio(quote, volume, 8),
             rsi: self.rsi.value(cfg.rsi_period),

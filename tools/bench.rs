@@ -70,8 +70,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     if args.noop {
         let summary = bench::noop::run(&args.kafka, &args.group_id).context("no-op consumer failed")?;
         println!("{}", serde_json::to_string(&summary)?);

@@ -48,8 +48,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let mut args = Cli::parse();
+    let mut args: Cli = cli::parse();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).context("clock before 1970")?;
     let seed = args.seed.unwrap_or(now.as_nanos() as u64);
     let run = format!("crashtest-{seed}-{}", now.as_secs());

@@ -21,8 +21,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
     let digest = digest::digest(&mut conn, &args.redis.prefix).await.context("digest")?;
     if args.dump {

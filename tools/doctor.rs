@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use cryptopulse::cli;
 use cryptopulse::kafka::KafkaArgs;
+use cryptopulse::secret;
 use cryptopulse::sink::RedisTarget;
 use cryptopulse::tooling::doctor::{self, DoctorConfig, Grafana};
 
@@ -32,15 +34,22 @@ struct Cli {
     timeout_secs: u64,
 }
 
-/// Grafana's admin password: only from the environment, never a flag.
+/// Grafana's admin password: only from the environment (or a file named by
+/// `GRAFANA_ADMIN_PASSWORD_FILE`), never a flag.
 const GRAFANA_PASSWORD_ENV: &str = "GRAFANA_ADMIN_PASSWORD";
 /// docker-compose.yml's documented default.
 const GRAFANA_DEFAULT_PASSWORD: &str = "cryptopulse123";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Cli::parse();
-    let password = std::env::var(GRAFANA_PASSWORD_ENV).unwrap_or_else(|_| GRAFANA_DEFAULT_PASSWORD.to_owned());
+    let args: Cli = cli::parse();
+    let password = match secret::from_env(GRAFANA_PASSWORD_ENV) {
+        Ok(password) => password.unwrap_or_else(|| GRAFANA_DEFAULT_PASSWORD.to_owned()),
+        Err(e) => {
+            eprintln!("doctor: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = DoctorConfig {
         kafka: args.kafka,
         redis: args.redis,

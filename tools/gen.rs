@@ -31,8 +31,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     let config = SynthConfig { symbols: args.symbols, repeats: args.repeats, trades: args.trades };
     let summary = synth::generate(&args.source, &args.out, &config).context("gen failed")?;
     println!("{}: {} trades, {} symbols", args.out.display(), summary.rows, summary.symbols.len());

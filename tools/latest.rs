@@ -16,12 +16,12 @@ struct Cli {
     redis: RedisTarget,
 }
 
-const COLUMNS: [&str; 9] = ["window_end", "close", "volume", "trades", "buy_volume", "sell_volume", "vwap_1s", "vwap_5s", "rsi_14"];
+const COLUMNS: [&str; 12] =
+    ["window_end", "open", "high", "low", "close", "volume", "trades", "buy_volume", "sell_volume", "vwap_1s", "vwap_5s", "rsi_14"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     let keys = Keys { prefix: args.redis.prefix.clone() };
     let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
     let mut symbols: Vec<String> = conn.smembers(keys.symbols()).await.context("read symbols")?;

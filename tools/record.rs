@@ -53,8 +53,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     if !args.frames.is_empty() {
         let recorded = record::record_frames(&args.frames, &args.out).context("record failed")?;
         for r in &recorded {

@@ -35,8 +35,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     let options = ReplayOptions {
         files: args.files,
         speed: args.speed,

@@ -70,8 +70,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     cryptopulse::telemetry::install(args.metrics.metrics_addr)?;
     let config = ConsumerConfig {
         kafka: args.kafka,
@@ -88,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         future_tolerance: args.future_tolerance,
         symbols: args.symbols.map(|s| s.iter().map(|s| s.trim().to_uppercase()).filter(|s| !s.is_empty()).collect()),
         max_symbols: args.max_symbols as usize,
+        heartbeat: args.metrics.heartbeat(),
     };
     let summary = consumer::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;

@@ -30,10 +30,11 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cli::init_tracing();
-    let args = Cli::parse();
+    let args: Cli = cli::parse();
     cryptopulse::telemetry::install(args.metrics.metrics_addr)?;
-    let mut config = ProducerConfig::new(args.kafka, args.stream.config());
+    let mut stream = args.stream.config();
+    stream.heartbeat = args.metrics.heartbeat();
+    let mut config = ProducerConfig::new(args.kafka, stream);
     config.gaps_topic = args.gaps_topic;
     config.tail_scan_records = args.tail_scan_records;
     let summary = producer::run(config, cli::shutdown_signal()).await.context("producer failed")?;

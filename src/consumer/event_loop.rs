@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::source::{PartitionBatch, SourceEvent};
 use super::writer::{Work, Writer};
@@ -17,7 +17,7 @@ use crate::crash_point::CrashPoint;
 use crate::error::Result;
 use crate::kafka::{DeadLetter, DeadLetters};
 use crate::rejection::Reject;
-use crate::telemetry::{self, ConsumerMetrics};
+use crate::telemetry::{self, ConsumerMetrics, Heartbeat};
 use crate::trade::TradeColumns;
 use crate::window::{Counts, SymbolLimits};
 
@@ -39,6 +39,7 @@ pub(super) struct Loop {
     pub(super) symbol_limits: SymbolLimits,
     /// Partitions whose `--max-symbols` was hit and logged.
     pub(super) full: BTreeSet<i32>,
+    pub(super) heartbeat: Heartbeat,
 }
 
 impl Loop {
@@ -126,7 +127,21 @@ impl Loop {
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
             self.checkpoint(false).await?;
         }
+        if self.heartbeat.is_due() {
+            self.beat();
+        }
         Ok(())
+    }
+
+    /// The heartbeat line: what the consumer did since the last one.
+    fn beat(&mut self) {
+        let counts = self.partitions.values().fold(Counts::default(), |mut total, p| {
+            total.add(&p.state.counts);
+            total
+        });
+        let [records, trades, bars] = self.heartbeat.beat([self.summary.records, counts.applied, counts.bars]);
+        let (dead_letters, lag) = (self.dead_letters.sent(), telemetry::total_lag());
+        info!(records_per_s = records, trades_per_s = trades, bars_per_s = bars, dead_letters, lag, "heartbeat");
     }
 
     /// Dead letters acknowledged, then the changed partitions' state and

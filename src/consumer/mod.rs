@@ -29,7 +29,7 @@ use crate::checkpoint::{CheckpointStore, Identity, PartitionCheckpoint};
 use crate::error::{Error, Result};
 use crate::kafka::{self, DeadLetters, KafkaArgs, REQUEST_TIMEOUT};
 use crate::sink::{RedisArgs, RedisSink};
-use crate::telemetry::ConsumerMetrics;
+use crate::telemetry::{ConsumerMetrics, Heartbeat};
 use crate::window::{Counts, SymbolLimits, WindowConfig};
 use event_loop::Loop;
 use source::SourceOptions;
@@ -62,6 +62,9 @@ pub struct ConsumerConfig {
     pub symbols: Option<BTreeSet<String>>,
     /// Most symbols one partition's state holds (SPEC §9).
     pub max_symbols: usize,
+    /// How often a live run logs its heartbeat line; never when absent
+    /// and with `exit_at_end`.
+    pub heartbeat: Option<Duration>,
 }
 
 /// What a run did.
@@ -83,8 +86,9 @@ const MAX_REBUILDS: u32 = 3;
 
 /// Runs the consumer until `shutdown` resolves or, with `exit_at_end`, the
 /// partitions are read to their end; always ends with a checkpoint. When
-/// Redis lost the data (restarted empty, flushed), the state is rewound to
-/// the start of the topic and everything is written again.
+/// Redis lost a symbol's bars (restarted empty, flushed, evicted), the
+/// partitions that hold the symbol are rewound to the start of the topic
+/// and their bars written again.
 pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     config.window.validate()?;
     let started = Instant::now();
@@ -95,9 +99,10 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
     let mut rebuilds = 0;
     loop {
         match run_once(config.clone(), shutdown.as_mut()).await {
-            Err(Error::RedisDataLost { prefix }) if rebuilds < MAX_REBUILDS && !shutdown.is_terminated() => {
-                error!(%prefix, "redis lost the consumer's data (restarted empty or flushed): rewinding to the start of the topic to write it again");
-                rewind(&config).await?;
+            Err(Error::RedisDataLost { prefix, symbols }) if rebuilds < MAX_REBUILDS && !shutdown.is_terminated() => {
+                let shown = crate::error::first_few(&symbols);
+                error!(%prefix, lost = symbols.len(), symbols = %shown, "redis lost bars of these symbols (restarted empty, flushed, evicted, or edited): reading their history again to write them again");
+                rewind(&config, &symbols).await?;
                 rebuilds += 1;
             }
             Ok(mut summary) => {
@@ -117,15 +122,8 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     store.check_identity(&identity(&config, partition_ids.len()))?;
     let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
     let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions, &partition_ids)?;
-    let mut sink = RedisSink::connect(
-        &config.redis.target.url,
-        &config.redis.target.prefix,
-        config.window.names(),
-        config.redis.retention_ms(),
-        config.redis.retry_for(),
-    )
-    .await?;
-    sink.check_marker(partitions.values().any(|p| p.state.counts.bars > 0)).await?;
+    let mut sink = connect_sink(&config).await?;
+    sink.check(&written(partitions.values(), &config.window)).await?;
     let dead_letters = DeadLetters::new(&config.kafka)?;
 
     let (tx, rx) = mpsc::channel(2);
@@ -147,6 +145,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let committed = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
     let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
     let symbol_limits = SymbolLimits { allow: config.symbols.clone(), max: config.max_symbols };
+    let (exit_at_end, heartbeat) = (config.exit_at_end, config.heartbeat);
     let mut consumer_loop = Loop {
         config,
         writer,
@@ -160,6 +159,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
         metrics: ConsumerMetrics::new(),
         symbol_limits,
         full: BTreeSet::new(),
+        heartbeat: Heartbeat::new(if exit_at_end { None } else { heartbeat }),
     };
     let result = consumer_loop.run(rx, shutdown).await;
     stop.store(true, Ordering::Relaxed);
@@ -182,15 +182,37 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     Ok(summary)
 }
 
-/// Forgets all window state and sets every partition back to the oldest
-/// offset the broker still has. Records already gone from the topic cannot
-/// be written again: that is logged as an error.
-async fn rewind(config: &ConsumerConfig) -> Result<()> {
-    let store = open_store(config).await?;
+/// Each symbol with a final bar in `partitions`, and the end of its newest.
+fn written<'a>(partitions: impl IntoIterator<Item = &'a PartitionCheckpoint>, window: &WindowConfig) -> Vec<(&'a str, i64)> {
+    partitions
+        .into_iter()
+        .flat_map(|p| &p.state.symbols)
+        .filter_map(|(symbol, state)| Some((symbol.as_str(), state.last_final_end(window)?)))
+        .collect()
+}
+
+/// Forgets the window state of the partitions whose checkpoint holds a
+/// symbol whose bars Redis lost, `lost` or any other the checkpoints name
+/// (a restarted Redis lost them all at once, and they are rewound
+/// together), and sets them back to the oldest offset the broker still
+/// has. A lost symbol no checkpoint holds came after every checkpoint: the
+/// restart reads all of it again anyway. Records already gone from the
+/// topic cannot be written again: that is logged as an error.
+async fn rewind(config: &ConsumerConfig, lost: &[String]) -> Result<()> {
+    let store = Arc::new(open_store(config).await?);
     let consumer = source::create_consumer(config)?;
     let topic = &config.kafka.topic;
+    let loaded = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.load()).await.map_err(|e| Error::join("checkpoint thread", e))??
+    };
+    let mut sink = connect_sink(config).await?;
+    let mut lost: BTreeSet<String> = lost.iter().cloned().collect();
+    lost.extend(sink.lost_of(&written(loaded.iter().map(|(_, c)| c), &config.window)).await?);
+    let holding: BTreeSet<i32> = loaded.iter().filter(|(_, c)| c.state.symbols.keys().any(|s| lost.contains(s))).map(|(p, _)| *p).collect();
+    info!(%topic, partitions = ?holding, "rewinding the partitions whose state holds a lost symbol");
     let mut fresh = Vec::new();
-    for partition in kafka::partitions_of(&consumer, topic)? {
+    for partition in kafka::partitions_of(&consumer, topic)?.into_iter().filter(|p| holding.contains(p)) {
         let (low, _) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
         if low > 0 {
             error!(%topic, partition, log_start = low, "records before the log start are gone from Kafka: the bars they made cannot be written again");
@@ -212,6 +234,11 @@ fn identity(config: &ConsumerConfig, partitions: usize) -> Identity {
         vwap_ms: window.vwap_ms,
         rsi_period: window.rsi_period,
     }
+}
+
+async fn connect_sink(config: &ConsumerConfig) -> Result<RedisSink> {
+    let (redis, window) = (&config.redis, &config.window);
+    RedisSink::connect(&redis.target.url, &redis.target.prefix, window.names(), redis.retention_ms(), redis.retry_for()).await
 }
 
 async fn open_store(config: &ConsumerConfig) -> Result<CheckpointStore> {

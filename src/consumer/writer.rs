@@ -240,7 +240,7 @@ mod tests {
 
     fn bar(symbol: &str, end: i64) -> FinalBar {
         let bar = Bar { start: end - 1000, open: 1, high: 1, low: 1, close: 1, volume: 1, quote_volume: 1, buy_volume: 0, trades: 1 };
-        FinalBar { symbol: symbol.into(), end, bar, vwap_bar: 1.0, vwap_long: 1.0, rsi: None }
+        FinalBar { symbol: symbol.into(), end, previous: None, bar, vwap_bar: 1.0, vwap_long: 1.0, rsi: None }
     }
 
     fn checkpoint(partition: i32, next_offset: i64) -> Encoded {

@@ -18,6 +18,7 @@ use rdkafka::ClientConfig;
 use tracing::warn;
 
 use crate::error::{Error, Result};
+use crate::secret;
 pub use admin::partitions_of;
 pub use dead_letter::{DeadLetter, DeadLetters};
 
@@ -27,8 +28,9 @@ pub const DEFAULT_DLQ_TOPIC: &str = "trades.dlq";
 pub const DEFAULT_PARTITIONS: i32 = 6;
 pub const DEFAULT_TOPIC_RETENTION_BYTES: i64 = 1 << 30;
 
-/// Where Kafka is and what to pass to librdkafka.
-#[derive(Args, Debug, Clone)]
+/// Where Kafka is and what to pass to librdkafka. Its `Debug` hides the
+/// values of secret properties.
+#[derive(Args, Clone)]
 pub struct KafkaArgs {
     /// Bootstrap brokers, host:port[,host:port...].
     #[arg(long, env = "CRYPTOPULSE_BROKERS", default_value = DEFAULT_BROKERS)]
@@ -48,12 +50,29 @@ pub struct KafkaArgs {
     #[arg(long, env = "CRYPTOPULSE_TOPIC_RETENTION_BYTES", default_value_t = DEFAULT_TOPIC_RETENTION_BYTES, value_parser = clap::value_parser!(i64).range(1 << 20..))]
     pub topic_retention_bytes: i64,
     /// Any librdkafka property, as kcat takes it: `-X key=value`, repeatable.
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value, env = "CRYPTOPULSE_KAFKA_PROPERTIES", value_delimiter = ';')]
+    /// Secrets (`sasl.password`, ...) are refused here: they go in the
+    /// environment twin or the properties file.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_key_value, env = "CRYPTOPULSE_KAFKA_PROPERTIES", value_delimiter = ';', hide_env_values = true)]
     pub properties: Vec<(String, String)>,
     /// A file of librdkafka properties, `key=value` per line (`#` comments):
     /// the place for secrets such as `sasl.password`.
     #[arg(long, env = "CRYPTOPULSE_KAFKA_CONFIG_FILE")]
     pub kafka_config_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for KafkaArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<(&str, &str)> = self.properties.iter().map(|(k, v)| (k.as_str(), secret::redact_property(k, v))).collect();
+        f.debug_struct("KafkaArgs")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("partitions", &self.partitions)
+            .field("topic_retention_bytes", &self.topic_retention_bytes)
+            .field("properties", &properties)
+            .field("kafka_config_file", &self.kafka_config_file)
+            .finish()
+    }
 }
 
 /// How long metadata and admin requests may take.
@@ -103,19 +122,24 @@ impl KafkaArgs {
     }
 }
 
+/// `key=value`; the error never repeats the text, which may be a secret.
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
-        _ => Err(format!("expected key=value, got {text:?}")),
+        Some(_) => Err("expected key=value, got no key before the '='".to_owned()),
+        None => Err(format!("expected key=value, got {} characters without '='", text.chars().count())),
     }
 }
 
 /// Reads a properties file: `key=value` lines, blank lines and `#` comments.
 pub fn read_properties(text: &str) -> Result<Vec<(String, String)>, String> {
     text.lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(|line| parse_key_value(line).map(|(key, value)| (key, value.trim().to_owned())))
+        .enumerate()
+        .map(|(i, line)| (i + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(number, line)| {
+            parse_key_value(line).map(|(key, value)| (key, value.trim().to_owned())).map_err(|e| format!("line {number}: {e}"))
+        })
         .collect()
 }
 
@@ -146,6 +170,18 @@ mod tests {
     fn reads_properties_files() {
         let props = read_properties("# secrets\nsasl.username=u\n\n sasl.password = p=w \n").unwrap();
         assert_eq!(props, vec![("sasl.username".into(), "u".into()), ("sasl.password".into(), "p=w".into())]);
-        assert!(read_properties("novalue").is_err());
+        let err = read_properties("a=1\n# c\nsasl.password:hunter2").unwrap_err();
+        assert_eq!(err, "line 3: expected key=value, got 21 characters without '='");
+        let args = KafkaArgs {
+            brokers: "b".into(),
+            topic: "t".into(),
+            dlq_topic: "d".into(),
+            partitions: 1,
+            topic_retention_bytes: 1 << 20,
+            properties: vec![("sasl.username".into(), "alice".into()), ("sasl.password".into(), "hunter2".into())],
+            kafka_config_file: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(shown.contains("alice") && shown.contains(secret::REDACTED) && !shown.contains("hunter2"), "{shown}");
     }
 }

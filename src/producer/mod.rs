@@ -237,6 +237,10 @@ impl Sink for Publisher {
         metrics::gauge!(telemetry::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
         Ok(())
     }
+
+    fn progress(&self) -> (u64, u64) {
+        (self.summary.published, self.summary.dead_letters)
+    }
 }
 
 impl Publisher {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::connection::{self, Event, SlotConfig};
 use super::rest::{self, Rest, RestLimits};
@@ -18,7 +18,7 @@ use crate::binance::{self, Frame};
 use crate::error::Result;
 use crate::kafka::dead_letter::{capped, MAX_DETAIL_BYTES};
 use crate::rejection::{Reject, Rejection};
-use crate::telemetry;
+use crate::telemetry::{self, Heartbeat};
 use crate::trade::Trade;
 
 /// Binance serves at most this many streams on one connection.
@@ -39,6 +39,11 @@ pub trait Sink {
     /// Called about once a second, trades or not (time-based work).
     fn idle(&mut self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }
+    }
+    /// Running totals for the heartbeat line: trades and dead letters the
+    /// sink has taken for good.
+    fn progress(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 
@@ -64,6 +69,8 @@ pub struct StreamConfig {
     pub max_gap_fill: i64,
     /// How far ahead of this machine's clock a trade time may be (SPEC §1).
     pub future_tolerance: Duration,
+    /// How often the heartbeat line is logged; never when absent.
+    pub heartbeat: Option<Duration>,
 }
 
 impl StreamConfig {
@@ -80,6 +87,7 @@ impl StreamConfig {
             rest_limits: RestLimits::default(),
             max_gap_fill: 1_000_000,
             future_tolerance: binance::DEFAULT_FUTURE_TOLERANCE,
+            heartbeat: None,
         }
     }
 }
@@ -117,6 +125,7 @@ pub async fn stream<S: Sink>(
         subscribed: config.symbols.iter().cloned().collect(),
         future_tolerance: config.future_tolerance,
         counts: StreamCounts::default(),
+        heartbeat: Heartbeat::new(config.heartbeat),
     };
     let (events, mut frames) = mpsc::channel(FRAME_QUEUE);
     let mut slots = JoinSet::new();
@@ -154,6 +163,7 @@ struct Sequencer<'a, S> {
     subscribed: HashSet<String>,
     future_tolerance: Duration,
     counts: StreamCounts,
+    heartbeat: Heartbeat,
 }
 
 impl<S: Sink> Sequencer<'_, S> {
@@ -168,6 +178,9 @@ impl<S: Sink> Sequencer<'_, S> {
                 event = frames.recv() => event,
                 _ = second.tick() => {
                     self.sink.idle().await?;
+                    if self.heartbeat.is_due() {
+                        self.beat();
+                    }
                     continue;
                 }
             };
@@ -181,6 +194,22 @@ impl<S: Sink> Sequencer<'_, S> {
                 None => return Ok(()),
             }
         }
+    }
+
+    /// The heartbeat line: what the producer did since the last one.
+    fn beat(&mut self) {
+        let (published, dead_letters) = self.sink.progress();
+        let [trades, letters] = self.heartbeat.beat([published, dead_letters]);
+        let c = &self.counts;
+        info!(
+            trades_per_s = trades,
+            dead_letters_per_s = letters,
+            reconnects = c.reconnects,
+            gaps_found = c.gaps_found,
+            unfilled = c.unfilled,
+            rest_throttled = self.rest.throttled,
+            "heartbeat"
+        );
     }
 
     /// What the decoder cannot know: whether the symbol is one this

@@ -1,6 +1,6 @@
 //! `doctor`: is everything the pipeline needs there? Checks the broker
 //! (metadata, the raw and dead-letter topics), Redis (PING, version, memory,
-//! the consumer's marker) and, when their URLs are given, Grafana (health,
+//! the layout of its keys) and, when their URLs are given, Grafana (health,
 //! the provisioned data sources) and Prometheus (ready, targets up). Each
 //! check is one PASS or FAIL line, a failure with what to do about it.
 
@@ -12,8 +12,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 
 use crate::kafka::KafkaArgs;
+use crate::secret;
 use crate::sink::RedisTarget;
-use crate::sink::{Keys, MARKER_VALUE};
+use crate::sink::{Keys, LAYOUT};
 
 /// The data source uids provisioned from `grafana/provisioning/datasources`.
 pub const GRAFANA_DATASOURCES: [&str; 2] = ["cryptopulse-redis", "cryptopulse-prometheus"];
@@ -124,9 +125,9 @@ fn check_kafka(args: &KafkaArgs, timeout: Duration) -> Vec<Check> {
     checks
 }
 
-/// PING, version, memory and the consumer's marker key.
+/// PING, version, memory and the layout of the keys under the prefix.
 async fn check_redis(target: &RedisTarget, timeout: Duration) -> Check {
-    let shown = redact(&target.url);
+    let shown = secret::redact_url(&target.url);
     match tokio::time::timeout(timeout * 2, redis_facts(target, timeout)).await {
         Ok(Ok(detail)) => Check::pass("redis", format!("{shown}: {detail}")),
         Ok(Err(e)) => Check::fail(
@@ -143,30 +144,30 @@ async fn check_redis(target: &RedisTarget, timeout: Duration) -> Check {
 }
 
 async fn redis_facts(target: &RedisTarget, timeout: Duration) -> Result<String, String> {
-    let client = redis::Client::open(target.url.as_str()).map_err(|e| e.to_string())?;
+    let client = crate::sink::client(&target.url).map_err(|e| e.to_string())?;
     let config = redis::AsyncConnectionConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?;
     let pong: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| e.to_string())?;
     let info: String = redis::cmd("INFO").arg("server").arg("memory").query_async(&mut conn).await.map_err(|e| e.to_string())?;
     let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).unwrap_or("?").trim().to_owned();
-    let marker_key = Keys { prefix: target.prefix.clone() }.marker();
-    let marker: Option<String> = redis::cmd("GET").arg(&marker_key).query_async(&mut conn).await.map_err(|e| e.to_string())?;
-    let marker = match marker.as_deref() {
-        Some(MARKER_VALUE) => format!("marker {marker_key} = {MARKER_VALUE}"),
-        Some(other) => {
-            return Err(format!("marker {marker_key} = {other:?}, this build writes {MARKER_VALUE:?}: another layout under this prefix"))
+    let keys = Keys { prefix: target.prefix.clone() };
+    let layout: Option<String> = redis::cmd("GET").arg(keys.layout()).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+    let earlier: bool = redis::cmd("EXISTS").arg(keys.earlier_marker()).query_async(&mut conn).await.map_err(|e| e.to_string())?;
+    let layout = match (layout.as_deref(), earlier) {
+        (Some(LAYOUT), false) => format!("layout {} = {LAYOUT}", keys.layout()),
+        (Some(other), _) if other != LAYOUT => {
+            return Err(format!("layout {} = {other:?}, this build writes {LAYOUT:?}: another layout under this prefix", keys.layout()))
         }
-        None => format!("no marker {marker_key} yet (no consumer has written under this prefix)"),
+        (_, true) => {
+            return Err(format!(
+                "{} is there: bars of an earlier build (layout cryptopulse-v1, keys without braces); a consumer of this build writes them again under the new names on its next start, then delete the old keys ({}:latest:S, :ts:S:*, :bars:S) and the marker",
+                keys.earlier_marker(),
+                target.prefix
+            ))
+        }
+        _ => format!("no layout {} yet (no consumer has written under this prefix)", keys.layout()),
     };
-    Ok(format!("{pong}, Redis {}, {} used, {marker}", field("redis_version"), field("used_memory_human")))
-}
-
-/// A URL without the password in it, for printing.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
-        _ => url.to_owned(),
-    }
+    Ok(format!("{pong}, Redis {}, {} used, {layout}", field("redis_version"), field("used_memory_human")))
 }
 
 /// `/api/health`, then each provisioned data source through the API.
@@ -350,11 +351,5 @@ mod tests {
         assert_eq!((chunked.status, chunked.body.as_slice()), (503, b"not ready".as_slice()));
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200").is_err());
-    }
-
-    #[test]
-    fn hides_passwords_in_urls() {
-        assert_eq!(redact("redis://:s3cret@redis:6379/0"), "redis://***@redis:6379/0");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

@@ -37,12 +37,15 @@ const KNOWN_COMMANDS: [&str; 2] = ["xrange", "hgetall"];
 struct PanelQuery {
     panel: String,
     command: String,
-    /// The key as written in the dashboard: default prefix, `$symbol` in it.
+    /// The key as written in the dashboard: default prefix, `{$symbol}` in it (SPEC §6 hash tag).
     key: String,
     /// The fields the panel keeps (filterFieldsByName), each needed as a number.
     fields: Vec<String>,
-    /// Fields an entry may lack: the plugin fills in 0, which the panel drops.
+    /// Fields an entry may lack: the plugin fills in 0, which the panel drops
+    /// only where another condition says the field was missing.
     optional: Vec<String>,
+    /// A candlestick panel's open, high, low and close fields.
+    candles: Option<[String; 4]>,
 }
 
 fn read(path: impl AsRef<Path>) -> String {
@@ -185,12 +188,32 @@ fn panel_queries(dashboard: &Value, problems: &mut Vec<String>) -> Vec<PanelQuer
         for field in fields.iter().filter(|f| !numeric.contains(*f)) {
             problems.push(format!("{name}: {field} is not converted to a number"));
         }
-        let optional: Vec<String> = transformations(panel, "filterByValue")
-            .filter(|o| o["type"] == "exclude")
-            .flat_map(|o| o["filters"].as_array().cloned().unwrap_or_default())
-            .filter(|f| f["config"]["id"] == "equal" && f["config"]["options"]["value"] == 0)
-            .filter_map(|f| f["fieldName"].as_str().map(str::to_owned))
-            .collect();
+        let mut optional: Vec<String> = Vec::new();
+        for o in transformations(panel, "filterByValue").filter(|o| o["type"] == "exclude") {
+            let filters = o["filters"].as_array().cloned().unwrap_or_default();
+            let zero: Vec<String> = filters
+                .iter()
+                .filter(|f| f["config"]["id"] == "equal" && f["config"]["options"]["value"] == 0)
+                .filter_map(|f| f["fieldName"].as_str().map(str::to_owned))
+                .collect();
+            // Dropping every 0 hides a real 0 too: another condition must narrow it (match all).
+            if !zero.is_empty() && (o["match"] != "all" || filters.len() < 2) {
+                problems.push(format!("{name}: drops every 0 of {zero:?}, a real 0 too"));
+            }
+            optional.extend(zero);
+        }
+        // A candlestick panel draws the fields its options map to open, high, low and close (and volume).
+        let candles = (panel["type"] == "candlestick")
+            .then(|| ["open", "high", "low", "close"].map(|role| panel["options"]["fields"][role].as_str().unwrap_or_default().to_owned()));
+        if let Some(mapped) = &candles {
+            let volume = panel["options"]["fields"]["volume"].as_str().filter(|_| panel["options"]["mode"] != "candles");
+            let roles = ["open", "high", "low", "close", "volume"].into_iter();
+            for (role, field) in roles.zip(mapped.iter().map(String::as_str).chain(volume)) {
+                if !fields.iter().any(|f| f == field) {
+                    problems.push(format!("{name}: candlestick {role} is {field:?}, not a field the panel keeps"));
+                }
+            }
+        }
         for target in targets(panel) {
             let command = target["command"].as_str().unwrap_or_default().to_owned();
             let key = target["keyName"].as_str().unwrap_or_default().to_owned();
@@ -208,10 +231,19 @@ fn panel_queries(dashboard: &Value, problems: &mut Vec<String>) -> Vec<PanelQuer
             if command == "xrange" && !(kept.iter().any(|f| f == "$time") && target["start"].as_str().unwrap_or("").is_empty()) {
                 problems.push(format!("{at}: a time series needs $time and the dashboard's time range (empty start/end)"));
             }
-            if !key.starts_with(&format!("{PREFIX}:")) || !key.contains("$symbol") {
-                problems.push(format!("{at}: key {key:?} is not a {PREFIX}: key of $symbol"));
+            // SPEC §6: a symbol's keys carry it in braces, a Redis Cluster hash tag.
+            let expected = if command == "xrange" { format!("{PREFIX}:bars:{{$symbol}}") } else { format!("{PREFIX}:latest:{{$symbol}}") };
+            if key != expected {
+                problems.push(format!("{at}: key {key:?} is not {expected:?}"));
             }
-            out.push(PanelQuery { panel: name.clone(), command, key, fields: fields.clone(), optional: optional.clone() });
+            out.push(PanelQuery {
+                panel: name.clone(),
+                command,
+                key,
+                fields: fields.clone(),
+                optional: optional.clone(),
+                candles: candles.clone(),
+            });
         }
     }
     out
@@ -247,6 +279,10 @@ fn is_number(text: &str) -> bool {
 
 fn lookup<'a>(flat: &'a [String], field: &str) -> Option<&'a str> {
     flat.chunks_exact(2).find(|pair| pair[0] == field).map(|pair| pair[1].as_str())
+}
+
+fn number(flat: &[String], field: &str) -> Option<f64> {
+    lookup(flat, field).and_then(|v| v.parse().ok())
 }
 
 /// What the panel finds in the answer to its query, for one symbol.
@@ -302,33 +338,83 @@ fn stream_problems(at: &str, query: &PanelQuery, entries: &[(String, Vec<String>
             problems.push(format!("{at}: {field} = {value:?} is not a number ({} entries)", bad.len()));
         }
     }
+    // A candle: low <= open, close <= high (a missing or non-numeric value is reported above).
+    if let Some([open, high, low, close]) = &query.candles {
+        let bad = entries
+            .iter()
+            .filter(|(_, flat)| match (number(flat, open), number(flat, high), number(flat, low), number(flat, close)) {
+                (Some(o), Some(h), Some(l), Some(c)) => !(l <= o.min(c) && o.max(c) <= h),
+                _ => false,
+            })
+            .count();
+        if bad > 0 {
+            problems.push(format!("{at}: {bad} of {} entries are not low <= open, close <= high", entries.len()));
+        }
+    }
     problems
 }
 
 /// Lines that give a password or a secret a value other than an environment
-/// variable (whose default may be the documented one). Comments are skipped.
+/// variable (whose default may be the documented one), and URLs with a
+/// password in them. Comments are skipped. A `${NAME}` reference without a
+/// default stands for a value kept out of the repository wherever it is (a
+/// URL's password, `redis://:${REDIS_PASSWORD}@redis:6379`), so it is taken
+/// out of the line before the search.
 fn secret_values(text: &str) -> Vec<String> {
     text.lines()
         .filter(|line| !line.trim_start().starts_with('#'))
-        .filter_map(|line| {
-            let lower = line.to_ascii_lowercase();
-            let at = ["password", "secret"].iter().filter_map(|word| lower.find(word)).min()?;
-            let rest = &line[at..];
-            let value = rest[rest.find([':', '='])? + 1..].trim().trim_end_matches(',').trim().trim_matches(['"', '\'']);
-            (!is_allowed_secret(value)).then(|| line.trim().to_owned())
+        .filter(|line| {
+            let plain = without_env_references(line);
+            let lower = plain.to_ascii_lowercase();
+            let value = ["password", "secret"].iter().filter_map(|word| lower.find(word)).min().and_then(|at| {
+                let rest = &plain[at..];
+                Some(rest[rest.find([':', '='])? + 1..].trim().trim_end_matches(',').trim().trim_matches(['"', '\'']))
+            });
+            value.is_some_and(|value| !is_allowed_secret(value)) || has_url_password(&plain)
         })
+        .map(|line| line.trim().to_owned())
         .collect()
 }
 
+/// `line` without its `${NAME}` references (environment variables without a default).
+fn without_env_references(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        match after.find('}').filter(|&end| is_env_name(&after[..end])) {
+            Some(end) => rest = &after[end + 1..],
+            None => {
+                out.push_str("${");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A URL in `line` with a password (`scheme://user:password@host`).
+fn has_url_password(line: &str) -> bool {
+    line.split("://").skip(1).any(|rest| {
+        let authority = rest.split(['/', '?', '#', ' ', '"', '\'']).next().unwrap_or_default();
+        authority.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':')).is_some_and(|(_, password)| !password.is_empty())
+    })
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn is_allowed_secret(value: &str) -> bool {
-    let env_name = |name: &str| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if value.is_empty() {
         return true;
     }
     let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else { return false };
     match inner.split_once(":-").or_else(|| inner.split_once('-')) {
-        Some((name, default)) => env_name(name) && default == DEFAULT_PASSWORD,
-        None => env_name(inner),
+        Some((name, default)) => is_env_name(name) && default == DEFAULT_PASSWORD,
+        None => is_env_name(inner),
     }
 }
 
@@ -362,12 +448,25 @@ fn every_panel_uses_the_provisioned_data_source_and_queries_this_test_can_replay
     assert_eq!(live["uid"], "cryptopulse-live");
 
     // The checks fail on a panel of another data source or a raw query.
-    let mut broken = live;
+    let mut broken = live.clone();
     broken["panels"][0]["targets"][0]["datasource"]["uid"] = "elsewhere".into();
     broken["panels"][0]["targets"][0]["query"] = "KEYS *".into();
     let mut problems = datasource_problems(&broken, &uid);
     panel_queries(&broken, &mut problems);
     assert_eq!(problems.len(), 2, "{problems:?}");
+
+    // And on a key without the hash tag, a candle field the panel does not keep, and a filter that drops every 0.
+    let mut broken = live;
+    broken["panels"][0]["targets"][0]["keyName"] = format!("{PREFIX}:latest:$symbol").into();
+    let list = broken["panels"].as_array_mut().unwrap();
+    let candlestick = list.iter_mut().find(|p| p["type"] == "candlestick").expect("a candlestick panel");
+    candlestick["options"]["fields"]["high"] = "max".into();
+    let rsi = list.iter_mut().find(|p| p["type"] == "timeseries" && p["title"] == "RSI 14").expect("the RSI 14 time series");
+    let filter = rsi["transformations"].as_array_mut().unwrap().iter_mut().find(|t| t["id"] == "filterByValue").unwrap();
+    filter["options"]["filters"].as_array_mut().unwrap().truncate(1);
+    let mut problems = Vec::new();
+    panel_queries(&broken, &mut problems);
+    assert_eq!(problems.len(), 3, "{problems:?}");
 }
 
 #[test]
@@ -391,8 +490,10 @@ fn grafana_reads_what_compose_mounts_and_no_secret_is_in_the_repository() {
     }
 
     let planted = "GF_SECURITY_ADMIN_PASSWORD: hunter2\n\"secureJsonData\": {\"password\": \"s3cret\"},\n\
-                   GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:-cryptopulse123}\nCLIENT_SECRET=${OTHER:-letmein}\n# password: a comment";
-    assert_eq!(secret_values(planted).len(), 3, "{:?}", secret_values(planted));
+                   GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:-cryptopulse123}\nCLIENT_SECRET=${OTHER:-letmein}\n# password: a comment\n\
+                   REDIS_PASSWORD: ${REDIS_PASSWORD}\nCRYPTOPULSE_REDIS_URL: redis://:${REDIS_PASSWORD}@redis:6379\n\
+                   url: redis://:hunter2@redis:6379";
+    assert_eq!(secret_values(planted).len(), 4, "{:?}", secret_values(planted));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +529,7 @@ async fn every_panel_query_finds_numbers_in_the_replayed_fixtures() {
 }
 
 /// PromQL functions and keywords the Pipeline dashboard may use.
-const PROMQL_WORDS: [&str; 10] = ["sum", "rate", "increase", "histogram_quantile", "by", "without", "max", "min", "avg", "le"];
+const PROMQL_WORDS: [&str; 11] = ["sum", "rate", "increase", "histogram_quantile", "by", "without", "max", "min", "avg", "le", "time"];
 
 /// Metric names in a PromQL expression that `src/telemetry.rs` does not
 /// declare (a histogram's `_bucket`, `_count` and `_sum` series count as
@@ -519,7 +620,7 @@ fn the_pipeline_dashboard_queries_every_declared_metric_and_nothing_else() {
         assert!(exprs.iter().any(|(_, e)| e.contains(name)), "no panel shows {name}");
     }
     // Histograms are read as quantiles over their buckets, not as summaries.
-    for name in cryptopulse::telemetry::ALL.iter().filter(|n| n.ends_with("_seconds")) {
+    for name in cryptopulse::telemetry::ALL.iter().filter(|n| n.ends_with("_seconds") && !n.ends_with("_timestamp_seconds")) {
         assert!(exprs.iter().any(|(_, e)| e.starts_with("histogram_quantile(") && e.contains(&format!("{name}_bucket"))), "{name}");
     }
 
@@ -529,4 +630,37 @@ fn the_pipeline_dashboard_queries_every_declared_metric_and_nothing_else() {
     assert_eq!(undeclared_metrics("sum by (partition) (deriv(cryptopulse_consumer_lag[5m]))"), ["deriv"]);
     assert!(undeclared_metrics("histogram_quantile(0.99, sum by (le) (rate(cryptopulse_bar_latency_seconds_bucket[1m])))").is_empty());
     assert_eq!(undeclared_metrics("cryptopulse_bars_written_total_bucket"), ["cryptopulse_bars_written_total_bucket"]);
+}
+
+#[test]
+fn the_alert_rules_name_only_declared_metrics() {
+    let rules: serde_json::Value = serde_yaml_ng::from_str(&read("prometheus/alerts.yml")).expect("alerts.yml");
+    let exprs: Vec<(String, String)> = rules["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+        .map(|rule| (rule["alert"].as_str().unwrap_or_default().to_owned(), rule["expr"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert!(exprs.len() >= 6, "{exprs:?}");
+    // PromQL beyond what the dashboards use, and Prometheus's own `up`.
+    let more = ["resets", "deriv", "and", "or", "unless", "ignoring", "group_left", "on", "reason", "up"];
+    let mut named: BTreeSet<&str> = BTreeSet::new();
+    for (alert, expr) in &exprs {
+        let unknown: Vec<String> = undeclared_metrics(expr).into_iter().filter(|w| !more.contains(&w.as_str())).collect();
+        assert!(unknown.is_empty(), "{alert}: {expr} names {unknown:?}, which src/telemetry.rs does not declare");
+        named.extend(cryptopulse::telemetry::ALL.iter().copied().filter(|name| expr.contains(name)));
+    }
+    // The series the alerts were written for are all there.
+    for name in [
+        cryptopulse::telemetry::CONSUMER_LAG,
+        cryptopulse::telemetry::LAST_BAR_WRITTEN,
+        cryptopulse::telemetry::REDIS_WRITE_RETRIES,
+        cryptopulse::telemetry::REDIS_WRITE_ERRORS,
+        cryptopulse::telemetry::DEAD_LETTERS,
+        cryptopulse::telemetry::GAP_TRADES_UNFILLED,
+    ] {
+        assert!(named.contains(&name), "no alert on {name}");
+    }
+    assert_eq!(undeclared_metrics("increase(cryptopulse_redis_write_retrys_total[1m]) > 0"), ["cryptopulse_redis_write_retrys_total"]);
 }

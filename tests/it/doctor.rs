@@ -49,8 +49,8 @@ async fn every_check_passes_against_running_services() {
     assert!(lines.iter().all(|l| l.starts_with("PASS")), "{text}");
     assert!(text.contains(&format!("topic {}: 6 partition(s)", lane.kafka.topic)), "{text}");
     assert!(text.contains(&format!("topic {}: 1 partition(s)", lane.kafka.dlq_topic)), "{text}");
-    // The consumer set its marker on start.
-    assert!(text.contains(&format!("marker {}:marker = cryptopulse-v1", lane.redis.target.prefix)), "{text}");
+    // The consumer named its layout on start.
+    assert!(text.contains(&format!("layout {}:layout = cryptopulse-v2", lane.redis.target.prefix)), "{text}");
     assert!(text.contains(&format!("1 target(s) up: consumer http://{consumer_addr}/metrics")), "{text}");
     assert!(text.contains("doctor: 6 of 6 checks passed"), "{text}");
 }
@@ -90,5 +90,5 @@ async fn missing_topics_fail_while_the_broker_and_redis_pass() {
     assert_eq!(verdict, ["PASS", "FAIL", "FAIL", "PASS"], "{text}");
     assert!(text.contains(&format!("topic {} does not exist", lane.kafka.topic)), "{text}");
     assert!(text.contains(&format!("scripts/services topic {} 6", lane.kafka.topic)), "{text}");
-    assert!(text.contains("no marker"), "nothing written under a fresh prefix:\n{text}");
+    assert!(text.contains("no layout"), "nothing written under a fresh prefix:\n{text}");
 }

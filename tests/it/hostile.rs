@@ -150,8 +150,7 @@ async fn a_caseless_symbol_and_tens_of_billions_of_units_flow_exactly_also_throu
     let summary = direct.consume(tempfile::tempdir().expect("tempdir").path()).await;
     assert_eq!((summary.counts.applied, summary.counts.rejected, summary.counts.bars), (3, 0, 1), "{summary:?}");
     let mut redis = direct.redis().await;
-    let latest: HashMap<String, String> =
-        redis.hgetall(format!("{}:latest:{symbol}", direct.redis.target.prefix)).await.expect("latest hash");
+    let latest: HashMap<String, String> = redis.hgetall(direct.keys().latest(symbol)).await.expect("latest hash");
     // Σq = 1,025,000,000,000.5; Σp·q = 1,280,750.000000615 exactly; the
     // VWAP is the float nearest to their quotient (Python's Fraction).
     assert_eq!(latest["volume"], "1025000000000.50000000");
@@ -195,11 +194,13 @@ async fn symbols_off_the_list_are_dead_letters_and_the_others_exact() {
     // The fixtures hold 9,757 BTCUSDT and 6,106 ETHUSDT trades.
     assert_eq!((summary.counts.applied, summary.counts.rejected), (9_757, 6_106), "{summary:?}");
     let (mut want, mut got) = (clean.redis().await, lane.redis().await);
-    for key in ["latest:BTCUSDT", "bars:BTCUSDT"] {
-        let dump = async |conn: &mut redis::aio::ConnectionManager, prefix: &str| -> Vec<u8> {
-            redis::cmd("DUMP").arg(format!("{prefix}:{key}")).query_async(conn).await.expect("dump")
+    for (theirs, ours) in
+        [(clean.keys().latest("BTCUSDT"), lane.keys().latest("BTCUSDT")), (clean.keys().bars("BTCUSDT"), lane.keys().bars("BTCUSDT"))]
+    {
+        let dump = async |conn: &mut redis::aio::ConnectionManager, key: &str| -> Vec<u8> {
+            redis::cmd("DUMP").arg(key).query_async(conn).await.expect("dump")
         };
-        assert_eq!(dump(&mut got, &lane.redis.target.prefix).await, dump(&mut want, &clean.redis.target.prefix).await, "{key}");
+        assert_eq!(dump(&mut got, &ours).await, dump(&mut want, &theirs).await, "{ours}");
     }
     let symbols: Vec<String> = got.smembers(format!("{}:symbols", lane.redis.target.prefix)).await.expect("symbols");
     assert_eq!(symbols, ["BTCUSDT"]);

@@ -37,7 +37,7 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
     lane.produce(SYMBOL, &[&first, &second]).await;
 
     let mut redis = lane.redis().await;
-    let latest = format!("{}:latest:{SYMBOL}", lane.redis.target.prefix);
+    let latest = lane.keys().latest(SYMBOL);
     wait_for(|| {
         let (mut redis, latest) = (redis.clone(), latest.clone());
         async move { redis.exists::<_, bool>(&latest).await.unwrap() }
@@ -46,7 +46,7 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
     let hash: HashMap<String, String> = redis.hgetall(&latest).await.unwrap();
     assert_eq!(hash["window_end"], (start + 1000).to_string(), "{hash:?}");
     assert_eq!((hash["close"].as_str(), hash["volume"].as_str(), hash["trades"].as_str()), ("102.00000000", "4.00000000", "2"), "{hash:?}");
-    let stream = format!("{}:bars:{SYMBOL}", lane.redis.target.prefix);
+    let stream = lane.keys().bars(SYMBOL);
     let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).await.unwrap();
     let ids: Vec<&str> = entries.ids.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, [format!("{}-0", start + 1000)]);

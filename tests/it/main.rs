@@ -21,6 +21,7 @@
 //! - `record`: archives from frames, from the live streams and from the topic
 //! - `recovery`: a bad checkpoint, a second owner, Redis paused or emptied
 //! - `reference`: every bar against exact decimal arithmetic and shipped values
+//! - `secrets`: no secret from a flag or in `--help`; a Redis password from a file
 //! - `services`: `scripts/services clean-tests` and the lane names it matches
 //! - `sink`: the Redis sink written in any cut, and its retention
 
@@ -41,5 +42,6 @@ mod properties;
 mod record;
 mod recovery;
 mod reference;
+mod secrets;
 mod services;
 mod sink;

@@ -57,13 +57,13 @@ async fn prometheus_scrapes_what_the_consumer_did() {
 
     // Done when Redis holds every bar; then wait for two scrapes after that.
     let conn = lane.redis().await;
-    let prefix = lane.redis.target.prefix.clone();
+    let keys = lane.keys();
     wait_for(|| {
-        let (mut conn, prefix) = (conn.clone(), prefix.clone());
+        let (mut conn, keys) = (conn.clone(), keys.clone());
         async move {
             let mut bars = 0;
             for symbol in ["BTCUSDT", "ETHUSDT"] {
-                bars += redis::cmd("XLEN").arg(format!("{prefix}:bars:{symbol}")).query_async::<u64>(&mut conn).await.unwrap_or(0);
+                bars += redis::cmd("XLEN").arg(keys.bars(symbol)).query_async::<u64>(&mut conn).await.unwrap_or(0);
             }
             bars == FIXTURE_BARS as u64
         }

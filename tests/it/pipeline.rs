@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use redis::AsyncCommands;
 
 use crate::common::fixture::{self, BARS, EXPECTED, TRADES};
-use crate::common::Lane;
+use crate::common::{wait_for, Lane};
 
 fn expected_bars() -> Vec<serde_json::Value> {
     std::fs::read_to_string(EXPECTED).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -34,7 +34,7 @@ async fn assert_redis_matches_expected(lane: &Lane) {
     for row in &expected {
         let (symbol, end) = (row["symbol"].as_str().unwrap(), row["window_end"].as_i64().unwrap());
         let id = format!("{end}-0");
-        let entries: redis::streams::StreamRangeReply = conn.xrange(format!("{prefix}:bars:{symbol}"), &id, &id).await.unwrap();
+        let entries: redis::streams::StreamRangeReply = conn.xrange(format!("{prefix}:bars:{{{symbol}}}"), &id, &id).await.unwrap();
         assert_eq!(entries.ids.len(), 1, "stream entry {symbol} {id}");
         let fields: HashMap<String, String> =
             entries.ids[0].map.iter().map(|(k, v)| (k.clone(), redis::from_redis_value(v).unwrap())).collect();
@@ -47,15 +47,15 @@ async fn assert_redis_matches_expected(lane: &Lane) {
                 None => assert!(!fields.contains_key(float), "{symbol} {end}: {float} must be absent"),
             }
         }
-        let closes: Vec<String> = conn.zrangebyscore(format!("{prefix}:ts:{symbol}:close"), end, end).await.unwrap();
+        let closes: Vec<String> = conn.zrangebyscore(format!("{prefix}:ts:{{{symbol}}}:close"), end, end).await.unwrap();
         assert_eq!(closes, vec![format!("{end}:{}", fields["close"])]);
         newest.insert(symbol.to_owned(), row);
     }
     for (symbol, row) in newest {
-        let latest: HashMap<String, String> = conn.hgetall(format!("{prefix}:latest:{symbol}")).await.unwrap();
+        let latest: HashMap<String, String> = conn.hgetall(format!("{prefix}:latest:{{{symbol}}}")).await.unwrap();
         assert_eq!(latest["window_end"], row["window_end"].to_string());
         same_number(&latest["vwap_5s"], &text(&row["vwap_5s"]), "latest vwap_5s");
-        let count: usize = conn.xlen(format!("{prefix}:bars:{symbol}")).await.unwrap();
+        let count: usize = conn.xlen(format!("{prefix}:bars:{{{symbol}}}")).await.unwrap();
         assert_eq!(count, expected.iter().filter(|r| r["symbol"] == symbol).count());
     }
 }
@@ -69,7 +69,7 @@ async fn replayed_fixtures_land_in_redis_exactly_and_a_second_replay_changes_not
     assert_eq!((first.counts.applied, first.counts.bars, first.counts.duplicates), (TRADES, BARS, 0));
     assert_redis_matches_expected(&lane).await;
     let before = lane.digest().await;
-    // marker, symbols set, and per symbol: latest hash, stream, five sorted sets.
+    // layout, symbols set, and per symbol: latest hash, stream, five sorted sets.
     assert_eq!(before.keys, fixture::KEYS);
 
     // The same trades again: the consumer resumes from its checkpoint and
@@ -146,23 +146,84 @@ async fn malformed_and_late_records_go_to_dead_letters_and_change_nothing_else()
     assert_eq!(got, want);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_consumer_logs_without_escape_codes_when_stderr_is_no_terminal() {
-    let lane = Lane::new("no-colour");
+/// The consumer binary to the end of half the fixtures, stderr a pipe; its log.
+async fn consumer_log(test: &str, extra: &[&str]) -> String {
+    let lane = Lane::new(test);
     lane.replay(None, Some(fixture::MIDDLE_MS)).await;
     let state = tempfile::tempdir().expect("tempdir");
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_consumer"));
     command
         .args(["--exit-at-end", "--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
         .args(["--redis-prefix", &lane.redis.target.prefix, "--group-id", &lane.name])
+        .args(extra)
         .arg("--state-dir")
         .arg(state.path())
         .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
         .env("RUST_LOG", "info")
+        .env_remove("CRYPTOPULSE_LOG_FORMAT")
         .env_remove("NO_COLOR");
     let output = tokio::task::spawn_blocking(move || command.output()).await.expect("thread").expect("consumer");
-    let log = String::from_utf8_lossy(&output.stderr);
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{log}");
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_logs_without_escape_codes_when_stderr_is_no_terminal() {
+    let log = consumer_log("no-colour", &[]).await;
     assert!(log.contains(cryptopulse::consumer::ASSIGNED_LOG), "{log}");
     assert!(!log.contains('\x1b'), "escape codes in a log written to a pipe: {log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_logs_json_lines_for_log_collectors() {
+    let log = consumer_log("json-log", &["--log-format", "json"]).await;
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"))).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in &lines {
+        assert!(line["timestamp"].is_string() && line["level"].is_string() && line["message"].is_string(), "{line}");
+    }
+    let assigned = lines.iter().find(|l| l["message"] == cryptopulse::consumer::ASSIGNED_LOG).expect("the assignment line");
+    assert_eq!(assigned["level"], "INFO");
+    let stopped = lines.iter().find(|l| l["message"] == "consumer stopped").expect("the last line");
+    assert!(stopped["records"].as_u64().is_some_and(|n| n > 0), "fields are JSON values: {stopped}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_consumer_logs_a_heartbeat_with_its_rates() {
+    let lane = Lane::new("heartbeat");
+    lane.replay(None, None).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_consumer"))
+        .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
+        .args(["--redis-prefix", &lane.redis.target.prefix, "--group-id", &lane.name, "--heartbeat-secs", "1", "--log-format", "json"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("consumer");
+    // Every trade read, then two more beats while idle.
+    wait_for(|| async { lane.digest().await.keys == fixture::KEYS }).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("thread").expect("consumer");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let beats: Vec<serde_json::Value> =
+        log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|l| l["message"] == "heartbeat").collect();
+    assert!(beats.len() >= 2, "{log}");
+    for beat in &beats {
+        for field in ["records_per_s", "trades_per_s", "bars_per_s", "dead_letters"] {
+            assert!(beat[field].as_f64().is_some_and(|v| v >= 0.0), "{field}: {beat}");
+        }
+        assert_eq!(beat["level"], "INFO");
+    }
+    // The last beat comes after the whole topic was read and nothing since.
+    assert_eq!(beats.last().expect("a beat")["records_per_s"], 0.0, "{log}");
+    let total: f64 = beats.iter().map(|b| b["records_per_s"].as_f64().unwrap_or(0.0)).sum();
+    assert!(total > 0.0, "a beat while the fixtures were read counts them: {log}");
 }

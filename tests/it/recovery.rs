@@ -139,3 +139,37 @@ async fn redis_restarted_empty_is_detected_and_rebuilt_from_the_topic() {
     assert_eq!(summary.counts.applied, TRADES);
     assert_eq!(lane.digest().await.dump, want.dump);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_damaged_by_hand_mid_run_are_repaired_per_symbol() {
+    let want = Lane::undisturbed("intact").await;
+
+    let lane = Lane::new("damaged");
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    let state = tempfile::tempdir().unwrap();
+    let consumer = lane.spawn_consumer(state.path());
+    wait_for(|| async { lane.digest().await.keys == fixture::KEYS }).await;
+    // One symbol's latest hash deleted and the other's stream trimmed, at
+    // once: an eviction, a failover or a hand edit.
+    let keys = lane.keys();
+    let mut conn = lane.redis().await;
+    let () = redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg(keys.latest("BTCUSDT"))
+        .ignore()
+        .cmd("XTRIM")
+        .arg(keys.bars("ETHUSDT"))
+        .arg("MAXLEN")
+        .arg(3)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    lane.replay(Some(fixture::MIDDLE_MS), None).await;
+    wait_for(|| async { lane.digest().await.sha256 == want.sha256 }).await;
+    let summary = consumer.stop().await;
+    assert_eq!(summary.rebuilds, 1, "both symbols found and rewound together");
+    assert_eq!(summary.counts.applied, TRADES);
+    assert_eq!(lane.digest().await.dump, want.dump);
+}

@@ -18,6 +18,8 @@ use crate::common::fixture::{self, ARCHIVE, EXPECTED, FRAMES};
 /// One reference bar: every value as an exact decimal.
 #[derive(Debug, Clone)]
 struct RefBar {
+    /// Open, high and low; the shipped expected values do not carry them.
+    range: Option<[Decimal; 3]>,
     close: Decimal,
     volume: Decimal,
     trades: u64,
@@ -30,6 +32,7 @@ struct RefBar {
 
 struct RawTrade {
     symbol: String,
+    id: i64,
     price: Decimal,
     qty: Decimal,
     time: i64,
@@ -48,6 +51,7 @@ fn raw_trades() -> Vec<RawTrade> {
             let d = &frame["data"];
             RawTrade {
                 symbol: d["s"].as_str().unwrap().to_owned(),
+                id: d["t"].as_i64().unwrap(),
                 price: Decimal::from_str(d["p"].as_str().unwrap()).unwrap(),
                 qty: Decimal::from_str(d["q"].as_str().unwrap()).unwrap(),
                 time: d["T"].as_i64().unwrap(),
@@ -75,7 +79,7 @@ fn reference() -> BTreeMap<(String, i64), RefBar> {
         let mut close = Decimal::ZERO;
         for k in first..last_second {
             if let Some(trades) = seconds.get(&k) {
-                close = trades.last().unwrap().price;
+                close = trades.iter().max_by_key(|t| t.id).unwrap().price;
             }
             rsi.push(close, k == first);
             let Some(trades) = seconds.get(&k) else { continue };
@@ -84,6 +88,11 @@ fn reference() -> BTreeMap<(String, i64), RefBar> {
             let (pq5, q5) =
                 (k - 4..=k).filter_map(|s| sums.get(&s)).fold((Decimal::ZERO, Decimal::ZERO), |(a, b), (pq, q)| (a + pq, b + q));
             let bar = RefBar {
+                range: Some([
+                    trades.iter().min_by_key(|t| t.id).unwrap().price,
+                    trades.iter().map(|t| t.price).max().unwrap(),
+                    trades.iter().map(|t| t.price).min().unwrap(),
+                ]),
                 close,
                 volume,
                 trades: trades.len() as u64,
@@ -167,6 +176,9 @@ fn assert_bar(bar: &FinalBar, want: &RefBar) {
     let what = format!("{} {}", bar.symbol, bar.end);
     let fields: BTreeMap<String, Option<String>> = fields_of(bar, &WindowConfig::default().names()).into_iter().collect();
     let exact = |name: &str| Decimal::from_str(fields[name].as_deref().unwrap()).unwrap();
+    if let Some(range) = want.range {
+        assert_eq!([exact("open"), exact("high"), exact("low")], range, "{what} open, high, low");
+    }
     assert_eq!(exact("close"), want.close, "{what} close");
     assert_eq!(exact("volume"), want.volume, "{what} volume");
     assert_eq!(exact("buy_volume"), want.buy_volume, "{what} buy_volume");
@@ -213,6 +225,7 @@ fn every_final_bar_matches_the_shipped_expected_values() {
         let key = (row["symbol"].as_str().unwrap().to_owned(), row["window_end"].as_i64().unwrap());
         let bar = &bars[&key];
         let want = RefBar {
+            range: None,
             close: dec(&row["close"]),
             volume: dec(&row["volume"]),
             trades: row["trades"].as_u64().unwrap(),

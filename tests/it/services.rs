@@ -41,7 +41,7 @@ fn topics(brokers: &str) -> BTreeSet<String> {
 /// suffixed prefix (`Lane::with_prefix`).
 async fn populate(lane: &Lane) -> Vec<String> {
     lane.kafka.ensure_topics().await.expect("topics");
-    let keys = vec![format!("{}:latest:BTCUSDT", lane.name), format!("{}:symbols", lane.with_prefix("again").redis.target.prefix)];
+    let keys = vec![format!("{}:latest:{{BTCUSDT}}", lane.name), format!("{}:symbols", lane.with_prefix("again").redis.target.prefix)];
     let mut redis = lane.redis().await;
     for key in &keys {
         let () = redis.set(key, "x").await.expect("set");
@@ -151,12 +151,14 @@ fn lane_names_are_what_clean_tests_matches() {
         assert!(patterns.deletes(&[1, this], topic), "topic {topic} is deleted once its process has ended");
         assert!(!patterns.deletes(&[this + 1, this * 10], topic), "topic {topic} is kept while its process runs");
     }
-    for key in [format!("{}:marker", lane.redis.target.prefix), format!("{again}:bars:BTCUSDT"), format!("{again}:ts:ETHUSDT:close")] {
+    for key in
+        [format!("{}:layout", lane.redis.target.prefix), format!("{again}:bars:{{BTCUSDT}}"), format!("{again}:ts:{{ETHUSDT}}:close")]
+    {
         assert_eq!(CleanPatterns::pid(&patterns.key, &key), Some(this), "key {key}");
     }
 
     // Nothing but a lane's: the services' own names and other runs' are left alone.
-    for name in ["cryptopulse.raw", "cryptopulse:bars:BTCUSDT", "bench-1723161255-4242.raw", "t-clean-x-1-2.raw", "t-42:symbols"] {
+    for name in ["cryptopulse.raw", "cryptopulse:bars:{BTCUSDT}", "bench-1723161255-4242.raw", "t-clean-x-1-2.raw", "t-42:symbols"] {
         assert_eq!(CleanPatterns::pid(&patterns.topic, name), None, "{name}");
         assert_eq!(CleanPatterns::pid(&patterns.key, name), None, "{name}");
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cryptopulse::archive;
-use cryptopulse::sink::{self, granule_ms, RedisSink};
+use cryptopulse::sink::{self, granule_ms, Keys, RedisSink};
 use cryptopulse::tooling::digest::{self, Digest};
 use cryptopulse::window::{FinalBar, PartitionState, WindowConfig};
 use redis::AsyncCommands;
@@ -38,7 +38,7 @@ async fn written(test: &str, retention_ms: i64, calls: &[&[FinalBar]]) -> (Strin
     let prefix = Lane::new(test).name;
     let names = WindowConfig::default().names();
     let mut sink = RedisSink::connect(&url(), &prefix, names, retention_ms, Duration::from_secs(10)).await.expect("redis");
-    sink.check_marker(false).await.expect("marker");
+    sink.check(&[]).await.expect("check");
     for bars in calls {
         sink.write(bars).await.expect("write");
     }
@@ -83,6 +83,7 @@ async fn a_short_retention_keeps_the_bars_from_the_granule_below_the_cutoff() {
     let bars = fixture_bars();
     let (prefix, digest) = written("sink-retention", RETENTION_MS, &bars.chunks(97).collect::<Vec<_>>()).await;
     let mut conn = sink::connect(&url()).await.expect("redis");
+    let keys = Keys { prefix };
     let granule = granule_ms(RETENTION_MS);
     assert_eq!(granule, 2_500);
     let mut by_symbol: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
@@ -97,13 +98,12 @@ async fn a_short_retention_keeps_the_bars_from_the_granule_below_the_cutoff() {
         assert!(kept.len() < ends.len(), "{symbol}: the retention must trim something for this test to mean anything");
         kept_total += kept.len();
 
-        let stream: redis::streams::StreamRangeReply = conn.xrange_all(format!("{prefix}:bars:{symbol}")).await.expect("xrange");
+        let stream: redis::streams::StreamRangeReply = conn.xrange_all(keys.bars(symbol)).await.expect("xrange");
         let ids: Vec<String> = stream.ids.iter().map(|entry| entry.id.clone()).collect();
         assert_eq!(ids, kept.iter().map(|end| format!("{end}-0")).collect::<Vec<_>>(), "{symbol}: stream entries");
 
         for metric in ["close", "volume", "vwap_1s", "vwap_5s", "rsi_14"] {
-            let members: Vec<(String, f64)> =
-                conn.zrange_withscores(format!("{prefix}:ts:{symbol}:{metric}"), 0, -1).await.expect("zrange");
+            let members: Vec<(String, f64)> = conn.zrange_withscores(keys.series(symbol, metric), 0, -1).await.expect("zrange");
             let scores: Vec<i64> = members.iter().map(|(_, score)| *score as i64).collect();
             let want: Vec<i64> = if metric == "rsi_14" {
                 let with_rsi: Vec<i64> = bars.iter().filter(|bar| bar.symbol == *symbol && bar.rsi.is_some()).map(|bar| bar.end).collect();
@@ -116,8 +116,111 @@ async fn a_short_retention_keeps_the_bars_from_the_granule_below_the_cutoff() {
                 assert!(member.starts_with(&format!("{}:", *score as i64)), "{symbol} {metric}: member {member} at {score}");
             }
         }
-        let latest: BTreeMap<String, String> = conn.hgetall(format!("{prefix}:latest:{symbol}")).await.expect("hgetall");
+        let latest: BTreeMap<String, String> = conn.hgetall(keys.latest(symbol)).await.expect("hgetall");
         assert_eq!(latest.get("window_end"), Some(&newest.to_string()), "{symbol}: latest hash");
     }
     assert!(digest.keys > 0 && kept_total > 0);
+}
+
+/// Each way a symbol's keys can lose data (SPEC §6), done to BTCUSDT by hand.
+const DAMAGE: [(&str, &[&str]); 7] = [
+    ("latest hash deleted", &["DEL", "latest"]),
+    ("stream trimmed", &["XTRIM", "bars", "MAXLEN", "10"]),
+    ("stream deleted", &["DEL", "bars"]),
+    ("a sorted set deleted", &["DEL", "ts:vwap_5s"]),
+    ("the RSI set deleted", &["DEL", "ts:rsi_14"]),
+    ("one member removed", &["ZREMRANGEBYRANK", "ts:close", "3", "3"]),
+    ("the hash set back", &["HSET", "latest", "window_end", "1723161300000"]),
+];
+
+/// `command` with its key (`latest`, `bars` or `ts:<metric>`) named for `symbol`.
+fn damage(keys: &Keys, symbol: &str, command: &[&str]) -> redis::Cmd {
+    let key = match command[1] {
+        "latest" => keys.latest(symbol),
+        "bars" => keys.bars(symbol),
+        series => keys.series(symbol, series.strip_prefix("ts:").expect("a sorted set")),
+    };
+    let mut cmd = redis::cmd(command[0]);
+    cmd.arg(key).arg(&command[2..]);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symbol_that_lost_data_is_named_by_its_next_write_and_rewritten_whole() {
+    let bars = fixture_bars();
+    let (_, whole) = written("sink-loss-whole", 24 * 3600 * 1000, &[&bars]).await;
+    let names = WindowConfig::default().names();
+    for (what, command) in DAMAGE {
+        let prefix = Lane::new("sink-loss").name;
+        let keys = Keys { prefix: prefix.clone() };
+        let mut sink = RedisSink::connect(&url(), &prefix, names.clone(), 24 * 3600 * 1000, Duration::from_secs(10)).await.expect("redis");
+        sink.check(&[]).await.expect("check");
+        sink.write(&bars[..400]).await.expect("write");
+        let mut conn = sink::connect(&url()).await.expect("redis");
+        damage(&keys, "BTCUSDT", command).query_async::<()>(&mut conn).await.expect("damage");
+
+        // The next write finds it, deletes the symbol's keys and names it;
+        // the other symbol's bars of that write are written.
+        match sink.write(&bars[400..]).await {
+            Err(cryptopulse::error::Error::RedisDataLost { symbols, .. }) => assert_eq!(symbols, ["BTCUSDT"], "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        let left: u32 = redis::cmd("EXISTS")
+            .arg(keys.latest("BTCUSDT"))
+            .arg(keys.bars("BTCUSDT"))
+            .arg(keys.series("BTCUSDT", "close"))
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert_eq!(left, 0, "{what}: the lost symbol's keys are deleted");
+        let newest_eth = bars.iter().filter(|b| b.symbol == "ETHUSDT").map(|b| b.end).max().expect("ETHUSDT bars");
+        let eth: String = conn.hget(keys.latest("ETHUSDT"), "window_end").await.expect("ETHUSDT");
+        assert_eq!(eth, newest_eth.to_string(), "{what}: the other symbol is written");
+
+        // The consumer then reads the symbol's history again: its bars from
+        // the first, written over what is there, leave Redis as one clean write.
+        sink.write(&bars).await.expect("rewrite");
+        let digest = digest::digest(&mut conn, &prefix).await.expect("digest");
+        assert_eq!(digest.sha256, whole.sha256, "{what}: repaired");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_from_the_start_over_a_deleted_hash_is_no_error() {
+    // Before, the stream refused the rewrite's first entry ("ID smaller
+    // than top") on every retry, and the consumer could not get past it.
+    let bars = fixture_bars();
+    let (prefix, whole) = written("sink-rewrite", 24 * 3600 * 1000, &[&bars]).await;
+    let keys = Keys { prefix: prefix.clone() };
+    let mut conn = sink::connect(&url()).await.expect("redis");
+    let () = conn.del(keys.latest("ETHUSDT")).await.expect("del");
+    let mut sink = RedisSink::connect(&url(), &prefix, WindowConfig::default().names(), 24 * 3600 * 1000, Duration::from_secs(10))
+        .await
+        .expect("redis");
+    for chunk in bars.chunks(50) {
+        sink.write(chunk).await.expect("a rewrite from the first bar");
+    }
+    assert_eq!(digest::digest(&mut conn, &prefix).await.expect("digest").sha256, whole.sha256);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_check_names_quiet_symbols_that_lost_data() {
+    let bars = fixture_bars();
+    let (prefix, _) = written("sink-check", 24 * 3600 * 1000, &[&bars]).await;
+    let keys = Keys { prefix: prefix.clone() };
+    let newest = |symbol: &str| bars.iter().filter(|b| b.symbol == symbol).map(|b| b.end).max().expect("bars");
+    let written = [("BTCUSDT", newest("BTCUSDT")), ("ETHUSDT", newest("ETHUSDT"))];
+    let mut sink = RedisSink::connect(&url(), &prefix, WindowConfig::default().names(), 24 * 3600 * 1000, Duration::from_secs(10))
+        .await
+        .expect("redis");
+    sink.check(&written).await.expect("nothing lost");
+    let mut conn = sink::connect(&url()).await.expect("redis");
+    damage(&keys, "ETHUSDT", &["DEL", "ts:volume"]).query_async::<()>(&mut conn).await.expect("damage");
+    match sink.check(&written).await {
+        Err(cryptopulse::error::Error::RedisDataLost { symbols, .. }) => assert_eq!(symbols, ["ETHUSDT"]),
+        other => panic!("{other:?}"),
+    }
+    // A symbol whose newest bar Redis does not have, though its keys agree.
+    let ahead = [("BTCUSDT", newest("BTCUSDT") + 1000)];
+    assert!(matches!(sink.check(&ahead).await, Err(cryptopulse::error::Error::RedisDataLost { .. })));
 }

@@ -33,7 +33,7 @@ pub mod fixture {
     pub const TRADES: u64 = 15_863;
     /// Final bars they make.
     pub const BARS: u64 = 663;
-    /// Redis keys those bars leave under a prefix: the marker, the symbols
+    /// Redis keys those bars leave under a prefix: the layout, the symbols
     /// set, and per symbol the latest hash, the stream and five sorted sets.
     pub const KEYS: usize = 2 + 2 * 7;
     /// A trade time (ms) inside the archive's span (1_723_161_255_342 to
@@ -138,6 +138,7 @@ impl Lane {
 
     pub fn consumer_config(&self, state_dir: &std::path::Path) -> ConsumerConfig {
         ConsumerConfig {
+            heartbeat: None,
             kafka: self.kafka.clone(),
             redis: self.redis.clone(),
             state_dir: state_dir.to_owned(),
@@ -183,6 +184,11 @@ impl Lane {
     pub async fn digest(&self) -> Digest {
         let mut conn = sink::connect(&self.redis.target.url).await.expect("redis");
         digest::digest(&mut conn, &self.redis.target.prefix).await.expect("digest")
+    }
+
+    /// The names of this lane's Redis keys.
+    pub fn keys(&self) -> sink::Keys {
+        sink::Keys { prefix: self.redis.target.prefix.clone() }
     }
 
     pub async fn redis(&self) -> redis::aio::ConnectionManager {

@@ -1,0 +1,125 @@
+//! Secrets never come from a flag and never show: every binary's `--help`
+//! with secrets in the environment twins, flags that carry one refused with
+//! where to put it, and a Redis password read from a file.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "hunter2-do-not-print";
+
+fn binaries() -> [(&'static str, &'static str); 10] {
+    [
+        ("producer", env!("CARGO_BIN_EXE_producer")),
+        ("consumer", env!("CARGO_BIN_EXE_consumer")),
+        ("replay", env!("CARGO_BIN_EXE_replay")),
+        ("record", env!("CARGO_BIN_EXE_record")),
+        ("latest", env!("CARGO_BIN_EXE_latest")),
+        ("digest", env!("CARGO_BIN_EXE_digest")),
+        ("doctor", env!("CARGO_BIN_EXE_doctor")),
+        ("bench", env!("CARGO_BIN_EXE_bench")),
+        ("crashtest", env!("CARGO_BIN_EXE_crashtest")),
+        ("gen", env!("CARGO_BIN_EXE_gen")),
+    ]
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+#[test]
+fn help_shows_no_secret_from_the_environment() {
+    for (name, binary) in binaries() {
+        let output = Command::new(binary)
+            .arg("--help")
+            .env("CRYPTOPULSE_KAFKA_PROPERTIES", format!("sasl.username=alice;sasl.password={SECRET}"))
+            .env("CRYPTOPULSE_REDIS_URL", format!("redis://:{SECRET}@127.0.0.1:6379"))
+            .output()
+            .expect("binary");
+        assert!(output.status.success(), "{name} --help: {}", text(&output));
+        assert!(!text(&output).contains(SECRET), "{name} --help prints a secret:\n{}", text(&output));
+    }
+}
+
+#[test]
+fn secrets_given_as_flags_are_refused_with_where_to_put_them() {
+    let kafka = ["-X", "sasl.password=hunter2-do-not-print"];
+    let redis = ["--redis-url", "redis://:hunter2-do-not-print@127.0.0.1:6379"];
+    let cases: [(&str, &[&str], &str); 4] = [
+        (env!("CARGO_BIN_EXE_consumer"), &kafka, "CRYPTOPULSE_KAFKA_CONFIG_FILE"),
+        (env!("CARGO_BIN_EXE_doctor"), &kafka, "CRYPTOPULSE_KAFKA_CONFIG_FILE"),
+        (env!("CARGO_BIN_EXE_consumer"), &redis, "CRYPTOPULSE_REDIS_PASSWORD_FILE"),
+        (env!("CARGO_BIN_EXE_latest"), &redis, "CRYPTOPULSE_REDIS_PASSWORD_FILE"),
+    ];
+    for (binary, args, fix) in cases {
+        let output = Command::new(binary).args(args).output().expect("binary");
+        let shown = text(&output);
+        assert_eq!(output.status.code(), Some(2), "{binary} {args:?}: {shown}");
+        assert!(shown.contains(fix) && shown.contains("command line"), "{binary} {args:?}: {shown}");
+        assert!(!shown.contains(SECRET), "{binary} {args:?} echoes the secret: {shown}");
+    }
+}
+
+/// A redis-server of this test's own that wants a password.
+struct GuardedRedis {
+    child: Child,
+    port: u16,
+}
+
+impl GuardedRedis {
+    fn start(password: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new("redis-server")
+            .args(["-", "--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services)");
+        // The password on its standard input, not its command line.
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "requirepass {password}").unwrap();
+        drop(stdin);
+        let started = Instant::now();
+        while TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        GuardedRedis { child, port }
+    }
+}
+
+impl Drop for GuardedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_redis_password_comes_from_a_file_and_a_wrong_one_is_a_clear_error() {
+    let redis = GuardedRedis::start(SECRET);
+    let dir = tempfile::tempdir().unwrap();
+    let latest = |password: &str| {
+        let file = dir.path().join("password");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_latest"))
+            .args(["--redis-url", &format!("redis://127.0.0.1:{}", redis.port), "--redis-prefix", "secrets-test"])
+            .env_remove("CRYPTOPULSE_REDIS_PASSWORD")
+            .env("CRYPTOPULSE_REDIS_PASSWORD_FILE", &file)
+            .output()
+            .expect("latest");
+        (output, started.elapsed())
+    };
+    let (output, _) = latest(SECRET);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("no symbols under secrets-test"), "{}", text(&output));
+
+    let (output, took) = latest("wrong");
+    let shown = text(&output);
+    assert!(!output.status.success(), "{shown}");
+    assert!(shown.contains("refused the credentials") && shown.contains("CRYPTOPULSE_REDIS_PASSWORD_FILE"), "{shown}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert!(!shown.contains(SECRET), "{shown}");
+}
