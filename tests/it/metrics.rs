@@ -96,7 +96,7 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     assert_eq!(lag.len(), 6, "one lag series per partition: {lag:?}");
     assert!(lag.iter().all(|(_, v)| *v == 0.0), "{lag:?}");
 
-    // Real histograms: 18 bounds and +Inf, one observation per bar.
+    // Real histograms: every bound of LATENCY_BUCKETS and +Inf, one observation per bar.
     for name in [telemetry::BAR_LATENCY_SECONDS, telemetry::TRADE_TO_REDIS_SECONDS] {
         assert_eq!(consumer(&format!("{name}_count")), FIXTURE_BARS, "{name}");
         let buckets = prometheus.query(&format!(r#"{name}_bucket{{job="consumer"}}"#));
