@@ -32,6 +32,9 @@ struct Cli {
     /// Timeout of each connection and request, in seconds.
     #[arg(long, env = "CRYPTOPULSE_DOCTOR_TIMEOUT_SECS", default_value_t = 5)]
     timeout_secs: u64,
+    /// Print the checks as one JSON object instead of lines.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Grafana's admin password: only from the environment (or a file named by
@@ -58,11 +61,15 @@ async fn main() -> ExitCode {
         timeout: Duration::from_secs(args.timeout_secs),
     };
     let checks = doctor::run(&config).await;
-    for check in &checks {
-        println!("{check}");
-    }
     let failed = checks.iter().filter(|c| !c.passed).count();
-    println!("doctor: {} of {} checks passed", checks.len() - failed, checks.len());
+    if args.json {
+        println!("{}", doctor::to_json(&checks));
+    } else {
+        for check in &checks {
+            println!("{check}");
+        }
+        println!("doctor: {} of {} checks passed", checks.len() - failed, checks.len());
+    }
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

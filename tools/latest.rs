@@ -14,6 +14,10 @@ use redis::AsyncCommands;
 struct Cli {
     #[command(flatten)]
     redis: RedisTarget,
+    /// Print one JSON object per symbol (a JSON array), every value as
+    /// Redis holds it, instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 const COLUMNS: [&str; 12] =
@@ -27,10 +31,19 @@ async fn main() -> anyhow::Result<()> {
     let mut symbols: Vec<String> = conn.smembers(keys.symbols()).await.context("read symbols")?;
     symbols.sort();
     let mut rows = vec![std::iter::once("symbol".to_owned()).chain(COLUMNS.iter().map(|c| c.to_string())).collect::<Vec<_>>()];
+    let mut objects = Vec::new();
     for symbol in &symbols {
-        let fields: std::collections::HashMap<String, String> = conn.hgetall(keys.latest(symbol)).await.context("read latest")?;
+        let fields: std::collections::BTreeMap<String, String> = conn.hgetall(keys.latest(symbol)).await.context("read latest")?;
         let cell = |name: &str| fields.get(name).map_or_else(|| "-".to_owned(), |v| shorten(name, v));
         rows.push(std::iter::once(symbol.clone()).chain(COLUMNS.iter().map(|c| cell(c))).collect());
+        let mut object = serde_json::Map::new();
+        object.insert("symbol".into(), symbol.clone().into());
+        object.extend(fields.into_iter().map(|(k, v)| (k, v.into())));
+        objects.push(serde_json::Value::Object(object));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(objects));
+        return Ok(());
     }
     print_table(&rows);
     if symbols.is_empty() {

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         print_ids(summary);
     }
     println!(
-        "{} archives, {} rejected, {} duplicates left out, {} ids missing (gaps.jsonl), stream: {:?}",
+        "{} archives, {} rejected, {} duplicates left out, {} ids missing (gaps.jsonl); stream: {}",
         recorded.archives.len(),
         recorded.rejected,
         recorded.duplicates,

@@ -38,6 +38,6 @@ async fn main() -> anyhow::Result<()> {
     config.gaps_topic = args.gaps_topic;
     config.tail_scan_records = args.tail_scan_records;
     let summary = producer::run(config, cli::shutdown_signal()).await.context("producer failed")?;
-    println!("{summary:?}");
+    println!("{summary}");
     Ok(())
 }

@@ -138,6 +138,16 @@ pub struct ProducerSummary {
     pub stream: StreamCounts,
 }
 
+impl std::fmt::Display for ProducerSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "published {} trades ({} fetched over REST), {} dead letters; {}",
+            self.published, self.from_rest, self.dead_letters, self.stream
+        )
+    }
+}
+
 /// Streams trades into Kafka until `shutdown` resolves, then flushes.
 pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> Result<ProducerSummary> {
     if config.stream.symbols.is_empty() {
@@ -178,7 +188,7 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
     let counts = streamed?;
     flushed.and(drained)?;
     publisher.summary.stream = counts;
-    info!(summary = ?publisher.summary, "producer stopped");
+    info!(summary = %publisher.summary, "producer stopped");
     Ok(publisher.summary)
 }
 

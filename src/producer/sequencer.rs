@@ -108,6 +108,16 @@ pub struct StreamCounts {
     pub rest_throttled: u64,
 }
 
+impl std::fmt::Display for StreamCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} reconnects, {} rotations, {} gaps found, {} ids unfilled, {} overlaps dropped, {} REST requests ({} throttled)",
+            self.reconnects, self.rotations, self.gaps_found, self.unfilled, self.duplicates, self.rest_requests, self.rest_throttled
+        )
+    }
+}
+
 /// Streams `config.symbols` into `sink` until `shutdown` resolves or the
 /// sink fails. `last` holds the last trade id already in the sink per
 /// symbol: those symbols are first backfilled from REST up to now.

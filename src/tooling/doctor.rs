@@ -72,6 +72,22 @@ impl std::fmt::Display for Check {
     }
 }
 
+/// The checks as one JSON object: `passed` (all of them), `checks` with
+/// each one's `system`, `passed`, `detail` and, on failure, `fix`.
+pub fn to_json(checks: &[Check]) -> Value {
+    let list: Vec<Value> = checks
+        .iter()
+        .map(|c| {
+            let mut check = serde_json::json!({ "system": c.system, "passed": c.passed, "detail": c.detail });
+            if !c.passed {
+                check["fix"] = c.fix.clone().into();
+            }
+            check
+        })
+        .collect();
+    serde_json::json!({ "passed": checks.iter().all(|c| c.passed), "checks": list })
+}
+
 /// Runs every configured check, in order: broker, Redis, Grafana, Prometheus.
 pub async fn run(config: &DoctorConfig) -> Vec<Check> {
     let kafka = config.kafka.clone();

@@ -92,3 +92,27 @@ async fn missing_topics_fail_while_the_broker_and_redis_pass() {
     assert!(text.contains(&format!("scripts/services topic {} 6", lane.kafka.topic)), "{text}");
     assert!(text.contains("no layout"), "nothing written under a fresh prefix:\n{text}");
 }
+
+#[test]
+fn json_output_carries_every_check_with_what_to_do() {
+    let args: Vec<String> = [
+        "--brokers".to_owned(),
+        free_addr().to_string(),
+        "--redis-url".to_owned(),
+        format!("redis://{}", free_addr()),
+        "--json".to_owned(),
+    ]
+    .into();
+    let output = doctor(&args);
+    assert_eq!(output.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(report["passed"], false);
+    let checks = report["checks"].as_array().expect("checks");
+    let systems: Vec<&str> = checks.iter().filter_map(|c| c["system"].as_str()).collect();
+    assert_eq!(systems, ["kafka", "redis"]);
+    for check in checks {
+        assert_eq!(check["passed"], false, "{check}");
+        assert!(check["fix"].as_str().is_some_and(|fix| fix.starts_with("start it with")), "{check}");
+        assert!(check["detail"].as_str().is_some_and(|d| !d.is_empty()), "{check}");
+    }
+}

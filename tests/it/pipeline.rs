@@ -227,3 +227,24 @@ async fn a_live_consumer_logs_a_heartbeat_with_its_rates() {
     let total: f64 = beats.iter().map(|b| b["records_per_s"].as_f64().unwrap_or(0.0)).sum();
     assert!(total > 0.0, "a beat while the fixtures were read counts them: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_json_gives_every_field_as_redis_holds_it() {
+    let lane = Lane::new("latest-json");
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    lane.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_latest"))
+        .args(["--redis-prefix", &lane.redis.target.prefix, "--json"])
+        .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
+        .output()
+        .expect("latest");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<HashMap<String, String>> = serde_json::from_slice(&output.stdout).expect("a JSON array of objects of strings");
+    let mut conn = lane.redis().await;
+    assert_eq!(rows.iter().map(|r| r["symbol"].as_str()).collect::<Vec<_>>(), ["BTCUSDT", "ETHUSDT"]);
+    for row in rows {
+        let mut hash: HashMap<String, String> = conn.hgetall(lane.keys().latest(&row["symbol"])).await.expect("hash");
+        hash.insert("symbol".into(), row["symbol"].clone());
+        assert_eq!(row, hash);
+    }
+}
