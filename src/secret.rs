@@ -20,6 +20,12 @@ pub const REDACTED: &str = "<redacted>";
 
 /// The Redis password, when the URL carries none.
 pub const REDIS_PASSWORD_ENV: &str = "CRYPTOPULSE_REDIS_PASSWORD";
+/// For `rediss://`: the CA certificate (PEM) to trust instead of the
+/// system's, and a client certificate and its key (PEM) for servers that
+/// ask for one. Paths, from the environment.
+pub const REDIS_CA_FILE_ENV: &str = "CRYPTOPULSE_REDIS_CA_FILE";
+pub const REDIS_CERT_FILE_ENV: &str = "CRYPTOPULSE_REDIS_CERT_FILE";
+pub const REDIS_KEY_FILE_ENV: &str = "CRYPTOPULSE_REDIS_KEY_FILE";
 
 /// Whether a librdkafka property holds a secret: passwords, client secrets,
 /// a private key in PEM, SASL/JAAS and OAuth settings that embed one.

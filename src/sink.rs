@@ -317,13 +317,41 @@ impl Keys {
 pub const LAYOUT: &str = "cryptopulse-v2";
 
 /// A client for `url`, with the password from CRYPTOPULSE_REDIS_PASSWORD
-/// (or its `_FILE`) when the URL carries none.
+/// (or its `_FILE`) when the URL carries none. `rediss://` is TLS: the
+/// server's certificate is checked against the system's roots, or the CA
+/// in CRYPTOPULSE_REDIS_CA_FILE; CRYPTOPULSE_REDIS_CERT_FILE and
+/// CRYPTOPULSE_REDIS_KEY_FILE give a client certificate.
 pub fn client(url: &str) -> Result<redis::Client> {
     let mut info: redis::ConnectionInfo = url.parse().map_err(|e| Error::redis(format!("parse url {}", secret::redact_url(url)), e))?;
     if info.redis.password.is_none() {
         info.redis.password = secret::from_env(secret::REDIS_PASSWORD_ENV)?;
     }
-    redis::Client::open(info).map_err(|e| Error::redis("open client", e))
+    let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
+    let read = |var: &str| -> Result<Option<Vec<u8>>> {
+        let Some(path) = std::env::var_os(var) else { return Ok(None) };
+        std::fs::read(&path)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("{var}: cannot read {}: {e}", std::path::Path::new(&path).display())))
+    };
+    let (ca, cert, key) = (read(secret::REDIS_CA_FILE_ENV)?, read(secret::REDIS_CERT_FILE_ENV)?, read(secret::REDIS_KEY_FILE_ENV)?);
+    if !tls {
+        return redis::Client::open(info).map_err(|e| Error::redis("open client", e));
+    }
+    // rustls needs one crypto provider per process; a second install is a no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client_tls = match (cert, key) {
+        (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig { client_cert, client_key }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(format!(
+                "a client certificate needs both {} and {}",
+                secret::REDIS_CERT_FILE_ENV,
+                secret::REDIS_KEY_FILE_ENV
+            )))
+        }
+    };
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert: ca })
+        .map_err(|e| Error::Config(format!("redis TLS settings ({}, {}): {e}", secret::REDIS_CA_FILE_ENV, secret::REDIS_CERT_FILE_ENV)))
 }
 
 /// One plain connection and a PING first: credentials Redis refuses (a
@@ -337,17 +365,34 @@ async fn refused_credentials(client: &redis::Client, url: &str) -> Result<()> {
         Ok(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
         Err(e) => Err(e),
     };
+    let shown = secret::redact_url(url);
     match answer {
         Err(e) if e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS")) => {
             Err(Error::Config(format!(
-                "redis at {} refused the credentials ({e}); the password comes from the URL, {} or the file named by {}_FILE",
-                secret::redact_url(url),
+                "redis at {shown} refused the credentials ({e}); the password comes from the URL, {} or the file named by {}_FILE",
                 secret::REDIS_PASSWORD_ENV,
                 secret::REDIS_PASSWORD_ENV
             )))
         }
+        Err(e) if is_tls_failure(&e) => Err(Error::Config(format!(
+            "redis at {shown}: TLS failed ({e}); the server's certificate must be signed by the CA in {} (or the system's), \
+             and its name must match the URL's host",
+            secret::REDIS_CA_FILE_ENV
+        ))),
+        // Connected, then dropped: not a Redis speaking the same protocol
+        // (plain text to a TLS port, or the reverse).
+        Err(e) if e.is_io_error() && !e.is_connection_refusal() && !e.is_timeout() => Err(Error::Config(format!(
+            "redis at {shown} took the connection and closed it ({e}); a TLS port needs rediss://, a plain one redis://"
+        ))),
         _ => Ok(()),
     }
+}
+
+/// Whether `error` is a TLS handshake refused: an unknown or invalid
+/// certificate, or a name that does not match.
+fn is_tls_failure(error: &redis::RedisError) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "notvalidforname"].iter().any(|word| text.contains(word))
 }
 
 /// Opens a connection manager that reconnects by itself and gives up on a

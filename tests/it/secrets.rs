@@ -123,3 +123,139 @@ fn the_redis_password_comes_from_a_file_and_a_wrong_one_is_a_clear_error() {
     assert!(took < Duration::from_secs(15), "took {took:?}");
     assert!(!shown.contains(SECRET), "{shown}");
 }
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, a client
+/// certificate signed by it, and a second CA that signed nothing here.
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(output.status.success(), "openssl {args:?}: {}", text(&output));
+    };
+    for ca in ["ca", "other-ca"] {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ]);
+    }
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+    }
+}
+
+/// A redis-server of this test's own on TLS only, asking clients for a
+/// certificate when `clients` is true.
+fn tls_redis(dir: &std::path::Path, clients: bool) -> (Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-cert-file", &file("server.crt"), "--tls-key-file", &file("server.key"), "--tls-ca-cert-file", &file("ca.crt")])
+        .args(["--tls-auth-clients", if clients { "yes" } else { "no" }])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian's is built with TLS)");
+    let started = Instant::now();
+    while TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "redis-server on {port} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+/// `latest` against `url` with `env`; its output and how long it took.
+fn latest_with(url: &str, env: &[(&str, std::path::PathBuf)]) -> (Output, Duration) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_latest"));
+    command.args(["--redis-url", url, "--redis-prefix", "tls-test"]);
+    for var in ["CRYPTOPULSE_REDIS_CA_FILE", "CRYPTOPULSE_REDIS_CERT_FILE", "CRYPTOPULSE_REDIS_KEY_FILE", "CRYPTOPULSE_REDIS_PASSWORD"] {
+        command.env_remove(var);
+    }
+    for (var, value) in env {
+        command.env(var, value);
+    }
+    let started = Instant::now();
+    let output = command.output().expect("latest");
+    (output, started.elapsed())
+}
+
+#[test]
+fn rediss_checks_the_server_against_the_given_ca_and_fails_clearly_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (mut server, port) = tls_redis(dir.path(), false);
+    let url = format!("rediss://127.0.0.1:{port}");
+    let ca = ("CRYPTOPULSE_REDIS_CA_FILE", dir.path().join("ca.crt"));
+
+    let (output, _) = latest_with(&url, std::slice::from_ref(&ca));
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(text(&output).contains("no symbols under tls-test"), "{}", text(&output));
+
+    // A CA that did not sign the server's certificate, and plain text to the TLS port.
+    let other = [("CRYPTOPULSE_REDIS_CA_FILE", dir.path().join("other-ca.crt"))];
+    let plain = format!("redis://127.0.0.1:{port}");
+    for (what, url, env, says) in [
+        ("untrusted", url.as_str(), &other[..], "CRYPTOPULSE_REDIS_CA_FILE"),
+        ("plain text", plain.as_str(), &[ca.clone()][..], "rediss://"),
+    ] {
+        let (output, took) = latest_with(url, env);
+        assert!(!output.status.success(), "{what}: {}", text(&output));
+        assert!(text(&output).contains(says), "{what}: {}", text(&output));
+        assert!(took < Duration::from_secs(15), "{what}: took {took:?}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // A server that asks for a client certificate gets one.
+    let (mut server, port) = tls_redis(dir.path(), true);
+    let url = format!("rediss://127.0.0.1:{port}");
+    let client = [
+        ca.clone(),
+        ("CRYPTOPULSE_REDIS_CERT_FILE", dir.path().join("client.crt")),
+        ("CRYPTOPULSE_REDIS_KEY_FILE", dir.path().join("client.key")),
+    ];
+    let (output, _) = latest_with(&url, &client);
+    assert!(output.status.success(), "{}", text(&output));
+    let (output, took) = latest_with(&url, std::slice::from_ref(&ca));
+    assert!(!output.status.success() && took < Duration::from_secs(15), "no client certificate: {} after {took:?}", text(&output));
+    let _ = server.kill();
+    let _ = server.wait();
+}
