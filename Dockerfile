@@ -26,7 +26,7 @@ COPY . .
 # because a cache mount is not part of the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked --bins --no-default-features \
     && mkdir -p /out \
     && cp target/release/producer target/release/consumer target/release/record \
           target/release/replay target/release/digest target/release/latest target/release/doctor /out/

@@ -67,6 +67,21 @@ pub fn init_tracing_as(format: LogFormat) {
     };
 }
 
+/// A progress bar on stderr counting `total` `unit`s, or a hidden one when
+/// not `show` (callers pass whether stderr is a terminal: bars in a log
+/// file or `docker compose logs` are noise). Its message follows the counts.
+pub fn progress_bar(total: u64, unit: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    let template = format!("{{bar:40}} {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}  {{msg}}");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
 /// Whether to colour: a terminal, and `NO_COLOR` unset or empty (no-color.org).
 fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     terminal && no_color.is_none_or(|value| value.is_empty())

@@ -56,8 +56,12 @@ impl CrashPoint {
     }
 
     /// Passes the point with the work reaching `records` records read by
-    /// this process: aborts if the point is armed at or below that.
+    /// this process: aborts if the point is armed at or below that. Built
+    /// without the `crash-points` feature (the Docker image), never.
     pub fn pass(self, records: u64) {
+        if !cfg!(feature = "crash-points") {
+            return;
+        }
         if let Some(armed) = armed() {
             if armed.point == self && records >= armed.at {
                 eprintln!("{ABORT_MESSAGE} ({self} at {records} records)");

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -116,7 +115,7 @@ fn publish(config: &ClientConfig, topic: &str, options: &ReplayOptions) -> Resul
     let producer: ThreadedProducer<Deliveries> =
         config.create_with_context(Deliveries::default()).map_err(|e| Error::kafka("replay producer", e))?;
     let total: u64 = options.files.iter().map(|f| ArchiveSummary::read(f).map(|s| s.rows)).sum::<Result<u64>>()?;
-    let progress = progress_bar(total, options.progress);
+    let progress = crate::cli::progress_bar(total, "trades", options.progress);
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
     let mut pacer = Pacer::new(options.speed);
@@ -211,17 +210,6 @@ impl Pacer {
             std::thread::sleep(wait);
         }
     }
-}
-
-fn progress_bar(total: u64, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} trades  {per_sec}  eta {eta}") {
-        bar.set_style(style);
-    }
-    bar
 }
 
 #[cfg(test)]

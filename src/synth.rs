@@ -35,6 +35,11 @@ struct Source {
 
 /// Writes the synthetic archive to `out` from the trades in `source`.
 pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<ArchiveSummary> {
+    generate_showing(source, out, config, false)
+}
+
+/// [`generate`], with a progress bar of the trades written when `show`.
+pub fn generate_showing(source: &Path, out: &Path, config: &SynthConfig, show: bool) -> Result<ArchiveSummary> {
     let sources = load(source, config.symbols)?;
     let order = time_order(&sources);
     let (first, last) =
@@ -43,6 +48,8 @@ pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<Archi
     let period = (last - first) / 1000 * 1000 + 2000;
     let limit = config.trades.unwrap_or(u64::MAX);
     let repeats = if config.trades.is_some() { i64::MAX } else { config.repeats as i64 };
+    let per_repeat: u64 = order.iter().map(|&(s, _)| sources[s].copies.len() as u64).sum();
+    let progress = crate::cli::progress_bar(config.trades.unwrap_or(per_repeat.saturating_mul(config.repeats as u64)), "trades", show);
     let mut writer = ArchiveWriter::create(out)?;
     let mut builder = TradeBatchBuilder::with_capacity(8192);
     let mut written = 0u64;
@@ -60,6 +67,7 @@ pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<Archi
                 written += 1;
                 if builder.len() == 8192 {
                     writer.write(&builder.finish()?)?;
+                    progress.inc(8192);
                 }
             }
         }
@@ -67,6 +75,7 @@ pub fn generate(source: &Path, out: &Path, config: &SynthConfig) -> Result<Archi
     if !builder.is_empty() {
         writer.write(&builder.finish()?)?;
     }
+    progress.finish_and_clear();
     writer.finish()
 }
 

@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
         seed,
         named_points: !args.no_named_points,
         cadence: args.cadence,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let report = crashtest::run(config).await.context("crash test failed to run")?;
     println!("{report}");

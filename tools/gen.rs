@@ -33,7 +33,8 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let args: Cli = cli::parse();
     let config = SynthConfig { symbols: args.symbols, repeats: args.repeats, trades: args.trades };
-    let summary = synth::generate(&args.source, &args.out, &config).context("gen failed")?;
+    let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = synth::generate_showing(&args.source, &args.out, &config, show).context("gen failed")?;
     println!("{}: {} trades, {} symbols", args.out.display(), summary.rows, summary.symbols.len());
     Ok(())
 }

@@ -83,6 +83,8 @@ pub struct CrashConfig {
     /// Also crash once at every point of [`CrashPoint::ALL`].
     pub named_points: bool,
     pub cadence: Cadence,
+    /// A progress bar of the rounds on stderr (on a terminal).
+    pub progress: bool,
 }
 
 /// What a crash test found.
@@ -212,14 +214,21 @@ pub async fn run(config: CrashConfig) -> Result<CrashReport> {
     let mut h = Harness { config: &config, lane: crashed, rng, report, startup: Duration::ZERO, per_record: Duration::ZERO };
     h.calibrate(replay_slice(&config, &bounds, 0).await?).await?;
     let mut recoveries = Vec::new();
+    let progress = crate::cli::progress_bar(schedule.len() as u64, "rounds", config.progress);
     for (round, crash) in schedule.iter().enumerate() {
+        progress.set_message(match crash {
+            Some(point) => format!("crash point {point}"),
+            None => "SIGKILL".to_owned(),
+        });
         let records = replay_slice(&config, &bounds, round + 1).await?;
         match crash {
             Some(point) => h.point_round(*point, records).await?,
             None => h.kill_round(records).await?,
         }
         recoveries.push(run_to_end(&config, &h.lane).await?);
+        progress.inc(1);
     }
+    progress.set_message("the uncrashed reference run, then the comparison");
     run_to_end(&config, &h.lane).await?;
     let mut report = h.report;
     report.crash_points_hit.sort();
@@ -229,6 +238,7 @@ pub async fn run(config: CrashConfig) -> Result<CrashReport> {
     (report.recovery_p50, report.recovery_p99, report.restarts) =
         (percentile(&recoveries, 50), percentile(&recoveries, 99), recoveries.len());
     compare(&config, &reference, &h.lane, &mut report).await?;
+    progress.finish_and_clear();
     report.elapsed = started.elapsed();
     Ok(report)
 }

@@ -1,7 +1,8 @@
 //! What `docker compose config` would catch, without a Docker engine:
 //! docker-compose.yml parsed as YAML and checked for pinned images,
 //! `depends_on` targets that exist, files and volumes that exist, host ports
-//! used once, and Prometheus scraping each service on the port of its
+//! used once and bound to 127.0.0.1 only, Redis behind a password every
+//! client sends, and Prometheus scraping each service on the port of its
 //! `--metrics-addr`. `promtool` (Debian's prometheus package, installed by
 //! `scripts/services install`) validates prometheus/prometheus.yml.
 
@@ -89,6 +90,34 @@ fn host_ports(service: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Published ports bound to anything but 127.0.0.1 (`"9090:9090"` binds
+/// every interface of the host, whatever its firewall says).
+fn exposure_problems(name: &str, service: &Value) -> Vec<String> {
+    strings(&service["ports"])
+        .into_iter()
+        .filter(|p| !p.starts_with("127.0.0.1:"))
+        .map(|p| format!("{name}: port {p} is published beyond 127.0.0.1"))
+        .collect()
+}
+
+/// Redis asks for a password, and every service given a Redis URL sends one.
+fn redis_password_problems(compose: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let redis = &compose["services"]["redis"];
+    let started = strings(&redis["command"]).join(" ") + &strings(&redis["entrypoint"]).join(" ");
+    if !started.contains("requirepass") || !started.contains("REDIS_PASSWORD") {
+        problems.push("redis: started without requirepass from REDIS_PASSWORD".to_owned());
+    }
+    for (name, service) in services(compose) {
+        if let Some(url) = service["environment"]["CRYPTOPULSE_REDIS_URL"].as_str() {
+            if !url.contains(":${REDIS_PASSWORD}@") {
+                problems.push(format!("{name}: CRYPTOPULSE_REDIS_URL {url} carries no ${{REDIS_PASSWORD}}"));
+            }
+        }
+    }
+    problems
+}
+
 /// The port of a service's `--metrics-addr` (in `command` or the environment).
 fn metrics_port(service: &Value) -> Option<String> {
     let command = strings(&service["command"]);
@@ -152,6 +181,7 @@ fn problems(compose: &Value, prometheus: &Value, root: &Path) -> Vec<String> {
         problems.extend(image_problems(name, service));
         problems.extend(dependency_problems(name, service, &names));
         problems.extend(file_problems(name, service, compose, root));
+        problems.extend(exposure_problems(name, service));
         for port in host_ports(service) {
             if let Some(other) = ports.insert(port.clone(), (*name).clone()) {
                 problems.push(format!("host port {port} is published by {other} and {name}"));
@@ -160,6 +190,7 @@ fn problems(compose: &Value, prometheus: &Value, root: &Path) -> Vec<String> {
     }
     problems.extend(scrape_problems(compose, prometheus));
     problems.extend(prometheus_service_problems(compose));
+    problems.extend(redis_password_problems(compose));
     problems
 }
 
@@ -189,7 +220,11 @@ fn compose_file_is_consistent_with_the_repository() {
         1
     );
     assert_eq!(broken(&|c, _| c["services"]["redis"]["volumes"][0] = "redis-dat:/data".into()).len(), 1);
-    assert_eq!(broken(&|c, _| c["services"]["grafana"]["ports"][0] = "9090:3000".into()).len(), 1);
+    assert_eq!(broken(&|c, _| c["services"]["grafana"]["ports"][0] = "127.0.0.1:9090:3000".into()).len(), 1);
+    assert_eq!(broken(&|c, _| c["services"]["grafana"]["ports"][0] = "3000:3000".into()).len(), 1);
+    assert_eq!(broken(&|c, _| c["services"]["redis"]["ports"][0] = "0.0.0.0:6379:6379".into()).len(), 1);
+    assert_eq!(broken(&|c, _| c["services"]["redis"]["command"] = Value::Array(vec!["redis-server".into()])).len(), 1);
+    assert_eq!(broken(&|c, _| c["services"]["consumer"]["environment"]["CRYPTOPULSE_REDIS_URL"] = "redis://redis:6379".into()).len(), 1);
     assert_eq!(broken(&|c, _| c["services"]["consumer"]["command"][2] = "0.0.0.0:9466".into()).len(), 1);
     assert_eq!(broken(&|_, p| p["scrape_configs"][0]["static_configs"][0]["targets"][0] = "producer:9465".into()).len(), 1);
     assert_eq!(broken(&|_, p| p["scrape_configs"][1]["static_configs"][0]["targets"][0] = "consumers:9465".into()).len(), 2);

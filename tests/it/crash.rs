@@ -31,6 +31,7 @@ async fn sigkills_and_crash_points_leave_redis_identical_to_an_uncrashed_run() {
         seed,
         named_points: true,
         cadence: Cadence::default(),
+        progress: false,
     };
     let report = crashtest::run(config).await.unwrap();
     println!("{report}");
