@@ -19,27 +19,55 @@ impl KafkaArgs {
         self.ensure(&[(&self.topic, self.partitions), (&self.dlq_topic, 1)]).await
     }
 
-    /// Creates `topics` (name, partitions) unless they exist, with the same
-    /// settings as the raw topic.
+    /// Creates those of `topics` (name, partitions) that are missing, with
+    /// the same settings as the raw topic; with `--no-create-topics` a
+    /// missing topic is an error. Only a missing topic is asked for: an
+    /// account that may read and write the topics but not create them
+    /// works once they exist.
     pub async fn ensure(&self, topics: &[(&str, i32)]) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
+        let missing = missing_topics(&admin, topics)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = missing.iter().map(|(name, _)| *name).collect();
+        if self.no_create_topics {
+            return Err(Error::Config(format!(
+                "topic(s) {names:?} do not exist and --no-create-topics is set: create them (scripts/services topic NAME PARTITIONS, or your cluster's tooling)"
+            )));
+        }
         let bytes = self.topic_retention_bytes.to_string();
-        let topics: Vec<NewTopic<'_>> = topics
+        let new: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|&(name, partitions)| {
                 NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
-        let results = admin.create_topics(&topics, &options).await.map_err(|e| Error::kafka("create topics", e))?;
+        let results = admin.create_topics(&new, &options).await.map_err(|e| Error::kafka("create topics", e))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code @ (RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed))) => {
+                    return Err(Error::Config(format!(
+                        "topic {topic} does not exist and this account may not create it ({code}): have it created, with the partitions and retention of docs/configuration.md"
+                    )))
+                }
                 Err((topic, code)) => return Err(Error::kafka(format!("create topic {topic}"), KafkaError::AdminOp(code))),
             }
         }
         Ok(())
     }
+}
+
+/// Those of `topics` the broker's metadata does not list. The metadata of
+/// all topics (those the account may describe), in one request: asking for
+/// a topic by name lets a broker with `auto.create.topics.enable` create it
+/// with its own defaults.
+fn missing_topics<'a>(admin: &AdminClient<DefaultClientContext>, topics: &[(&'a str, i32)]) -> Result<Vec<(&'a str, i32)>> {
+    let metadata = admin.inner().fetch_metadata(None, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch metadata", e))?;
+    let exists = |name: &str| metadata.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+    Ok(topics.iter().copied().filter(|&(name, _)| !exists(name)).collect())
 }
 
 /// The partition ids of `topic`; an error if the topic does not exist.

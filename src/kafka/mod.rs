@@ -58,6 +58,11 @@ pub struct KafkaArgs {
     /// the place for secrets such as `sasl.password`.
     #[arg(long, env = "CRYPTOPULSE_KAFKA_CONFIG_FILE")]
     pub kafka_config_file: Option<PathBuf>,
+    /// Never create a topic, even one that is missing: for accounts that
+    /// may only read and write their topics. Without it, only topics found
+    /// missing are created.
+    #[arg(long, env = "CRYPTOPULSE_NO_CREATE_TOPICS")]
+    pub no_create_topics: bool,
 }
 
 impl std::fmt::Debug for KafkaArgs {
@@ -71,6 +76,7 @@ impl std::fmt::Debug for KafkaArgs {
             .field("topic_retention_bytes", &self.topic_retention_bytes)
             .field("properties", &properties)
             .field("kafka_config_file", &self.kafka_config_file)
+            .field("no_create_topics", &self.no_create_topics)
             .finish()
     }
 }
@@ -180,6 +186,7 @@ mod tests {
             topic_retention_bytes: 1 << 20,
             properties: vec![("sasl.username".into(), "alice".into()), ("sasl.password".into(), "hunter2".into())],
             kafka_config_file: None,
+            no_create_topics: false,
         };
         let shown = format!("{args:?}");
         assert!(shown.contains("alice") && shown.contains(secret::REDACTED) && !shown.contains("hunter2"), "{shown}");

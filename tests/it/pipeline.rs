@@ -248,3 +248,20 @@ async fn latest_json_gives_every_field_as_redis_holds_it() {
         assert_eq!(row, hash);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_are_created_only_when_missing_and_never_with_no_create_topics() {
+    let lane = Lane::new("no-create");
+    let mut kafka = lane.kafka.clone();
+    kafka.no_create_topics = true;
+    let err = kafka.ensure_topics().await.expect_err("missing topics").to_string();
+    assert!(err.contains(&lane.kafka.topic) && err.contains("--no-create-topics"), "{err}");
+    let admin: rdkafka::consumer::BaseConsumer = lane.kafka.client_config().unwrap().create().unwrap();
+    assert!(cryptopulse::kafka::partitions_of(&admin, &lane.kafka.topic).is_err(), "nothing created");
+
+    // Once they exist, an account that may not create topics starts.
+    lane.kafka.ensure_topics().await.expect("created");
+    kafka.ensure_topics().await.expect("they exist: nothing to create");
+    assert!(lane.replay(None, Some(fixture::MIDDLE_MS)).await.trades > 0);
+    assert_eq!(cryptopulse::kafka::partitions_of(&admin, &lane.kafka.topic).unwrap().len(), 6);
+}

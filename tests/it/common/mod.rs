@@ -92,6 +92,7 @@ impl Lane {
                 topic_retention_bytes: cryptopulse::kafka::DEFAULT_TOPIC_RETENTION_BYTES,
                 properties: Vec::new(),
                 kafka_config_file: None,
+                no_create_topics: false,
             },
             redis: RedisArgs {
                 target: RedisTarget { url: env("CRYPTOPULSE_REDIS_URL"), prefix: name.clone() },
