@@ -224,3 +224,59 @@ async fn the_start_check_names_quiet_symbols_that_lost_data() {
     let ahead = [("BTCUSDT", newest("BTCUSDT") + 1000)];
     assert!(matches!(sink.check(&ahead).await, Err(cryptopulse::error::Error::RedisDataLost { .. })));
 }
+
+/// A deterministic shuffle of `0..n` (SplitMix64 steps): the order two
+/// writers' chunks reach Redis in.
+fn interleaving(seed: u64, n: usize) -> Vec<bool> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) & 1 == 1
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_the_same_bars_interleaved_leave_what_one_leaves() {
+    let bars = fixture_bars();
+    for retention_ms in [24 * 3600 * 1000, RETENTION_MS] {
+        let (_, one) = written("sink-one-writer", retention_ms, &[&bars]).await;
+        for seed in 1..=4u64 {
+            let prefix = Lane::new("sink-two-writers").name;
+            let names = WindowConfig::default().names();
+            let redis_url = url();
+            let connect = || RedisSink::connect(&redis_url, &prefix, names.clone(), retention_ms, Duration::from_secs(10));
+            let (mut a, mut b) = (connect().await.expect("redis"), connect().await.expect("redis"));
+            a.check(&[]).await.expect("check");
+            // Each writer goes through all bars in its own chunks, as two
+            // consumers over the same trades would; which one writes next
+            // is drawn, so either may be ahead by any amount.
+            let (chunks_a, chunks_b): (Vec<&[FinalBar]>, Vec<&[FinalBar]>) = (bars.chunks(37).collect(), bars.chunks(53).collect());
+            let (mut next_a, mut next_b) = (0, 0);
+            for a_goes in interleaving(seed, chunks_a.len() + chunks_b.len()) {
+                if (a_goes && next_a < chunks_a.len()) || next_b == chunks_b.len() {
+                    a.write(chunks_a[next_a]).await.expect("writer a");
+                    next_a += 1;
+                } else {
+                    b.write(chunks_b[next_b]).await.expect("writer b");
+                    next_b += 1;
+                }
+            }
+            while next_a < chunks_a.len() {
+                a.write(chunks_a[next_a]).await.expect("writer a");
+                next_a += 1;
+            }
+            while next_b < chunks_b.len() {
+                b.write(chunks_b[next_b]).await.expect("writer b");
+                next_b += 1;
+            }
+            let mut conn = sink::connect(&url()).await.expect("redis");
+            let two = digest::digest(&mut conn, &prefix).await.expect("digest");
+            assert_eq!(two.sha256, one.sha256, "seed {seed}, retention {retention_ms} ms: two writers differ from one");
+        }
+    }
+}
