@@ -4,8 +4,6 @@
 //! the provisioned data sources) and Prometheus (ready, targets up). Each
 //! check is one PASS or FAIL line, a failure with what to do about it.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -96,18 +94,12 @@ pub async fn run(config: &DoctorConfig) -> Vec<Check> {
         .await
         .unwrap_or_else(|e| vec![Check::fail("kafka", format!("check panicked: {e}"), "report this")]);
     checks.push(check_redis(&config.redis, timeout).await);
-    let (grafana, prometheus) = (config.grafana.clone(), config.prometheus_url.clone());
-    let http = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        if let Some(grafana) = &grafana {
-            out.extend(check_grafana(grafana, timeout));
-        }
-        if let Some(url) = &prometheus {
-            out.extend(check_prometheus(url, timeout));
-        }
-        out
-    });
-    checks.extend(http.await.unwrap_or_else(|e| vec![Check::fail("http", format!("check panicked: {e}"), "report this")]));
+    if let Some(grafana) = &config.grafana {
+        checks.extend(check_grafana(grafana, timeout).await);
+    }
+    if let Some(url) = &config.prometheus_url {
+        checks.extend(check_prometheus(url, timeout).await);
+    }
     checks
 }
 
@@ -187,22 +179,23 @@ async fn redis_facts(target: &RedisTarget, timeout: Duration) -> Result<String, 
 }
 
 /// `/api/health`, then each provisioned data source through the API.
-fn check_grafana(grafana: &Grafana, timeout: Duration) -> Vec<Check> {
+async fn check_grafana(grafana: &Grafana, timeout: Duration) -> Vec<Check> {
     let fix = "start it with docker compose up -d grafana, or point --grafana-url at it";
-    let health = match get(&grafana.url, "/api/health", None, timeout) {
+    let shown = secret::redact_url(&grafana.url);
+    let health = match get(&grafana.url, "/api/health", None, timeout).await {
         Ok(r) if r.status == 200 => r.json().map(|j| format!("database {}, version {}", j["database"], j["version"])),
         Ok(r) => Err(format!("HTTP {}", r.status)),
         Err(e) => Err(e),
     };
     let health = match health {
-        Ok(detail) => Check::pass("grafana", format!("{}/api/health: {}", grafana.url, detail.replace('"', ""))),
-        Err(e) => return vec![Check::fail("grafana", format!("{}/api/health: {e}", grafana.url), fix)],
+        Ok(detail) => Check::pass("grafana", format!("{shown}/api/health: {}", detail.replace('"', ""))),
+        Err(e) => return vec![Check::fail("grafana", format!("{shown}/api/health: {e}"), fix)],
     };
-    let auth = basic_auth(&grafana.user, &grafana.password);
+    let auth = (grafana.user.as_str(), grafana.password.as_str());
     let mut checks = vec![health];
     for uid in GRAFANA_DATASOURCES {
         let path = format!("/api/datasources/uid/{uid}");
-        checks.push(match get(&grafana.url, &path, Some(&auth), timeout) {
+        checks.push(match get(&grafana.url, &path, Some(auth), timeout).await {
             Ok(r) if r.status == 200 => {
                 let j = r.json().unwrap_or_default();
                 Check::pass(
@@ -227,18 +220,19 @@ fn check_grafana(grafana: &Grafana, timeout: Duration) -> Vec<Check> {
 }
 
 /// `/-/ready`, then every active scrape target healthy.
-fn check_prometheus(url: &str, timeout: Duration) -> Vec<Check> {
+async fn check_prometheus(url: &str, timeout: Duration) -> Vec<Check> {
     let fix = "start it with docker compose up -d prometheus, or point --prometheus-url at it";
-    match get(url, "/-/ready", None, timeout) {
+    let shown = secret::redact_url(url);
+    match get(url, "/-/ready", None, timeout).await {
         Ok(r) if r.status == 200 => {}
-        Ok(r) => return vec![Check::fail("prometheus", format!("{url}/-/ready: HTTP {} (still starting?)", r.status), fix)],
-        Err(e) => return vec![Check::fail("prometheus", format!("{url}/-/ready: {e}"), fix)],
+        Ok(r) => return vec![Check::fail("prometheus", format!("{shown}/-/ready: HTTP {} (still starting?)", r.status), fix)],
+        Err(e) => return vec![Check::fail("prometheus", format!("{shown}/-/ready: {e}"), fix)],
     }
-    let ready = Check::pass("prometheus", format!("{url}/-/ready: ready"));
-    let targets = get(url, "/api/v1/targets?state=active", None, timeout).and_then(|r| r.json());
+    let ready = Check::pass("prometheus", format!("{shown}/-/ready: ready"));
+    let targets = get(url, "/api/v1/targets?state=active", None, timeout).await.and_then(|r| r.json());
     let targets = match targets {
         Ok(j) => j["data"]["activeTargets"].as_array().cloned().unwrap_or_default(),
-        Err(e) => return vec![ready, Check::fail("prometheus", format!("{url}/api/v1/targets: {e}"), fix)],
+        Err(e) => return vec![ready, Check::fail("prometheus", format!("{shown}/api/v1/targets: {e}"), fix)],
     };
     let describe = |t: &Value| format!("{} {}", t["labels"]["job"].as_str().unwrap_or("?"), t["scrapeUrl"].as_str().unwrap_or("?"));
     let down: Vec<String> = targets
@@ -282,90 +276,36 @@ impl Response {
     }
 }
 
-/// A blocking HTTP/1.1 GET over plain TCP: enough for local health checks
-/// (no TLS, no redirects). `base` is `http://host:port`, a path may follow.
-pub fn get(base: &str, path: &str, authorization: Option<&str>, timeout: Duration) -> Result<Response, String> {
-    let rest = base.strip_prefix("http://").ok_or_else(|| format!("{base}: only http:// URLs are supported"))?;
-    let (host, prefix) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
-    let addr = host.to_socket_addrs().map_err(|e| format!("{host}: {e}"))?.next().ok_or_else(|| format!("{host}: no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("cannot connect to {host}: {e}"))?;
-    stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout))).map_err(|e| e.to_string())?;
-    let path = format!("/{}{path}", prefix.trim_end_matches('/')).replace("//", "/");
-    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|e| format!("send to {host}: {e}"))?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| format!("read from {host}: {e}"))?;
-    parse_response(&raw)
+/// A GET of `path` under `base` (`http://` or `https://`, a path may
+/// follow the host), with basic auth when given (user, password): the
+/// status and body. Redirects are not followed.
+pub async fn get(base: &str, path: &str, basic_auth: Option<(&str, &str)>, timeout: Duration) -> Result<Response, String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'));
+    let mut request = client.get(&url).header("Accept", "application/json");
+    if let Some((user, password)) = basic_auth {
+        request = request.basic_auth(user, Some(password));
+    }
+    // The callers name the URL; reqwest's errors would repeat it, password and all.
+    let response = request.send().await.map_err(|e| describe(&e.without_url()))?;
+    let status = response.status().as_u16();
+    let body = response.bytes().await.map_err(|e| describe(&e.without_url()))?.to_vec();
+    Ok(Response { status, body })
 }
 
-fn parse_response(raw: &[u8]) -> Result<Response, String> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no complete HTTP header")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).ok_or("no HTTP status line")?;
-    let chunked = lines.any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
-    let body = &raw[split + 4..];
-    Ok(Response { status, body: if chunked { dechunk(body)? } else { body.to_vec() } })
-}
-
-/// The body of a `Transfer-Encoding: chunked` answer.
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let end = data.windows(2).position(|w| w == b"\r\n").ok_or("chunk size line cut short")?;
-        let size_text = String::from_utf8_lossy(&data[..end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = data.get(end + 2..end + 2 + size).ok_or("chunk cut short")?;
-        body.extend_from_slice(chunk);
-        data = data.get(end + 4 + size..).ok_or("chunk end cut short")?;
+/// A reqwest error with its causes: "error sending request" alone says
+/// nothing of a refused connection or an untrusted certificate.
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
     }
-}
-
-/// `Basic <base64(user:password)>`.
-fn basic_auth(user: &str, password: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let input = format!("{user}:{password}").into_bytes();
-    let mut out = String::from("Basic ");
-    for group in input.chunks(3) {
-        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= group.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_basic_auth_as_rfc_4648_base64() {
-        for (user, password, encoded) in [
-            ("admin", "cryptopulse123", "YWRtaW46Y3J5cHRvcHVsc2UxMjM="),
-            ("a", "b", "YTpi"),
-            ("ab", "", "YWI6"),
-            ("Aladdin", "open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
-        ] {
-            assert_eq!(basic_auth(user, password), format!("Basic {encoded}"));
-        }
-    }
-
-    #[test]
-    fn parses_plain_and_chunked_answers() {
-        let plain = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((plain.status, plain.body.as_slice()), (200, b"{}".as_slice()));
-        let chunked = parse_response(
-            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnot \r\n5;x=y\r\nready\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((chunked.status, chunked.body.as_slice()), (503, b"not ready".as_slice()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200").is_err());
-    }
+    text
 }

@@ -76,7 +76,7 @@ impl Prometheus {
             .unwrap_or_else(|e| panic!("cannot start {}: {e} (scripts/services install installs Debian's prometheus)", binary()));
         let prometheus = Prometheus { url: format!("http://{addr}"), _child: Killed(child), _dir: dir };
         for _ in 0..300 {
-            if doctor::get(&prometheus.url, "/-/ready", None, Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
+            if blocking_get(&prometheus.url, "/-/ready", Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
                 return prometheus;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -87,7 +87,7 @@ impl Prometheus {
     /// An instant query through `/api/v1/query`: each result's labels and value.
     pub fn query(&self, promql: &str) -> Vec<(Value, f64)> {
         let path = format!("/api/v1/query?query={}", percent_encode(promql));
-        let response = doctor::get(&self.url, &path, None, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{promql}: {e}"));
+        let response = blocking_get(&self.url, &path, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{promql}: {e}"));
         let json = response.json().unwrap_or_else(|e| panic!("{promql}: {e}"));
         assert_eq!(json["status"], "success", "{promql}: {json}");
         json["data"]["result"]
@@ -104,6 +104,12 @@ impl Prometheus {
         assert_eq!(results.len(), 1, "{promql}: {results:?}");
         results[0].1
     }
+}
+
+/// doctor's GET, waited for on this thread: the tests that use Prometheus
+/// run on the multi-threaded runtime, which lets a worker block.
+fn blocking_get(base: &str, path: &str, timeout: Duration) -> Result<doctor::Response, String> {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(doctor::get(base, path, None, timeout)))
 }
 
 fn percent_encode(text: &str) -> String {
