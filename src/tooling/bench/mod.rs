@@ -333,7 +333,7 @@ impl Bench<'_> {
 
     async fn replay_and_scrape(&mut self, input: &Path, topic: &str, to_ms: i64, addr: SocketAddr) -> Result<(u64, String)> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while prom::scrape(addr).is_err() {
+        while prom::scrape(addr).await.is_err() {
             if Instant::now() > deadline {
                 return Err(Error::Timeout { what: format!("the consumer serving http://{addr}/metrics"), after: Duration::from_secs(30) });
             }
@@ -342,7 +342,7 @@ impl Bench<'_> {
         let (sample, _) = self.replay(input, topic, Some("1"), Some(to_ms)).await?;
         // The bars closed by the last trades are written within a batch linger and a Redis round trip.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        Ok((sample.trades, prom::scrape(addr)?))
+        Ok((sample.trades, prom::scrape(addr).await?))
     }
 
     /// Removes a consumer run's state directory and Redis keys.

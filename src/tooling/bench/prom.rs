@@ -3,8 +3,7 @@
 //! `_count`, summed over any other labels. A summary (`<name>{quantile="..."}`
 //! lines, what some exporters render by default) is read as well.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -25,21 +24,15 @@ pub struct Latency {
     pub source: &'static str,
 }
 
-/// Fetches `http://<addr>/metrics` with a plain HTTP/1.0 GET.
-pub fn scrape(addr: SocketAddr) -> Result<String> {
-    let io = |e| Error::io(format!("http://{addr}/metrics"), e);
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(io)?;
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200") => Ok(body.to_owned()),
-        _ => Err(Error::invalid_data(
-            format!("http://{addr}/metrics"),
-            format!("unexpected response {:?}", response.lines().next().unwrap_or("")),
-        )),
+/// Fetches `http://<addr>/metrics` (doctor's GET).
+pub async fn scrape(addr: SocketAddr) -> Result<String> {
+    let url = format!("http://{addr}");
+    let fail = |detail: String| Error::invalid_data(format!("{url}/metrics"), detail);
+    let response = crate::tooling::doctor::get(&url, "/metrics", None, Duration::from_secs(10)).await.map_err(fail)?;
+    if response.status != 200 {
+        return Err(fail(format!("HTTP {}", response.status)));
     }
+    String::from_utf8(response.body).map_err(|e| fail(e.to_string()))
 }
 
 /// The latency of metric `name` in `text`, or `None` when it has no observations.
