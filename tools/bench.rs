@@ -95,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         consumer_args: args.consumer_args,
         kafka_classpath,
         latency: (args.latency_secs > 0).then_some(LatencyConfig { symbols: args.latency_symbols, seconds: args.latency_secs }),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let report = bench::run(&config).await.context("bench failed")?;
     print!("\n{}", report.table());

@@ -55,7 +55,15 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let args: Cli = cli::parse();
     if !args.frames.is_empty() {
-        let recorded = record::record_frames(&args.frames, &args.out).context("record failed")?;
+        // A file at a time, so a terminal shows how many are done.
+        let progress = cli::progress_bar(args.frames.len() as u64, "files", std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        let mut recorded = Vec::new();
+        for file in &args.frames {
+            progress.set_message(file.display().to_string());
+            recorded.extend(record::record_frames(std::slice::from_ref(file), &args.out).context("record failed")?);
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
         for r in &recorded {
             println!(
                 "{} -> {}: {} trades, {} rejected, {} other frames",

@@ -38,6 +38,7 @@ async fn a_tiny_run_measures_every_process_and_cleans_up() {
         consumer_args: vec!["--batch-rows".into(), "500".into()],
         kafka_classpath: Some(String::from_utf8(classpath.stdout).unwrap().trim().to_owned()),
         latency: Some(LatencyConfig { symbols: 10, seconds: 3 }),
+        progress: false,
     };
     let report = bench::run(&config).await.unwrap();
 

@@ -72,6 +72,8 @@ pub struct BenchConfig {
     /// Classpath of the Kafka tools; `None` skips the producer comparison.
     pub kafka_classpath: Option<String>,
     pub latency: Option<LatencyConfig>,
+    /// A progress bar of the measurements on stderr (on a terminal).
+    pub progress: bool,
 }
 
 /// Runs everything, deleting the run's topics and keys at the end.
@@ -102,8 +104,11 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         latency: None,
     };
     let redis = sink::connect(&config.redis_url).await?;
-    let mut bench = Bench { config, run, topics: Vec::new(), redis };
+    let steps = config.symbols.len() * config.repeats + usize::from(config.latency.is_some());
+    let progress = crate::cli::progress_bar(steps as u64, "measurements", config.progress);
+    let mut bench = Bench { config, run, topics: Vec::new(), redis, progress };
     let result = bench.all(&mut report).await;
+    bench.progress.finish_and_clear();
     bench.drop_topics().await;
     result.map(|()| report)
 }
@@ -115,6 +120,7 @@ struct Bench<'a> {
     topics: Vec<String>,
     /// For Redis's CPU time around each consumer run and the clean-up after it.
     redis: redis::aio::ConnectionManager,
+    progress: indicatif::ProgressBar,
 }
 
 impl Bench<'_> {
@@ -128,7 +134,9 @@ impl Bench<'_> {
             report.producer = report.producer.take().or(producer);
         }
         if let Some(latency) = &self.config.latency {
+            self.progress.set_message(format!("bar latency, {} s", latency.seconds));
             report.latency = Some(self.latency(latency).await?);
+            self.progress.inc(1);
         }
         Ok(())
     }
@@ -148,6 +156,7 @@ impl Bench<'_> {
         let record_bytes = if producers { mean_payload_bytes(input)? } else { 0 };
         for r in 0..self.config.repeats {
             info!(symbols, repeat = r, "measuring");
+            self.progress.set_message(format!("{symbols} symbols, run {} of {}", r + 1, self.config.repeats));
             noop.push(self.noop(&topic, trades).await?);
             consumer.push(self.consumer(&topic, &format!("{topic}.r{r}"), trades).await?);
             if producers {
@@ -156,6 +165,7 @@ impl Bench<'_> {
                 self.drop_topic(&replay_topic).await;
                 perf.push(self.perf_test(&format!("{}.perf{r}", self.run), trades, record_bytes).await?);
             }
+            self.progress.inc(1);
         }
         self.drop_topic(&topic).await;
         let (noop, consumer) = (Series::new("noop", noop), Series::new("consumer", consumer));
