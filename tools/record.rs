@@ -22,6 +22,14 @@ struct Cli {
     /// events; `.gz` is read as gzip. One archive per input.
     #[arg(long, num_args = 1.., group = "source")]
     frames: Vec<PathBuf>,
+    /// Binance's public trade dumps (data.binance.vision spot trades:
+    /// `SYMBOL-trades-DATE.zip` or its `.csv`; times in ms or, from 2025,
+    /// µs). One archive per dump.
+    #[arg(long, num_args = 1.., group = "source")]
+    binance_csv: Vec<PathBuf>,
+    /// `--binance-csv`: the symbol of the dumps, when their names do not start with it.
+    #[arg(long)]
+    symbol: Option<String>,
     /// Record Binance's live streams (the stream flags below), gaps filled
     /// from REST, until SIGINT/SIGTERM.
     #[arg(long, group = "source")]
@@ -54,6 +62,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Cli = cli::parse();
+    if !args.binance_csv.is_empty() {
+        let recorded = record::binance_csv::import(&args.binance_csv, &args.out, args.symbol.as_deref()).context("import failed")?;
+        for r in &recorded {
+            println!("{} -> {}: {} trades, {} rejected", r.input.display(), r.output.display(), r.summary.rows, r.rejected);
+            print_ids(&r.summary);
+        }
+        return Ok(());
+    }
     if !args.frames.is_empty() {
         // A file at a time, so a terminal shows how many are done.
         let progress = cli::progress_bar(args.frames.len() as u64, "files", std::io::IsTerminal::is_terminal(&std::io::stderr()));

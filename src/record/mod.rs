@@ -5,6 +5,7 @@
 //! beside the archive as `<name>.rejects.jsonl`; none is dropped silently.
 //! The live sources (Binance's streams, the Kafka topic) are in [`live`].
 
+pub mod binance_csv;
 pub mod live;
 
 use std::fs::File;

@@ -168,3 +168,66 @@ async fn recording_the_topic_leaves_duplicates_out_and_resumes_from_committed_of
         .expect("record");
     assert_eq!((second.archives.len(), second.duplicates), (0, 0));
 }
+
+/// Every final bar of an archive, one symbol's state per symbol.
+fn bars_of(path: &Path) -> Vec<(String, i64, cryptopulse::window::Bar)> {
+    let cfg = cryptopulse::window::WindowConfig::default();
+    let mut state = cryptopulse::window::PartitionState::default();
+    let mut bars = Vec::new();
+    for batch in archive::open(path, 1000).unwrap() {
+        bars.extend(state.apply(&batch.unwrap(), &cfg).unwrap().bars.into_iter().map(|b| (b.symbol, b.end, b.bar)));
+    }
+    bars.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    bars
+}
+
+#[test]
+fn binance_dumps_in_either_time_unit_give_the_bars_of_the_same_trades_from_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // The fixture frames as Binance's public dumps would hold them: BTCUSDT
+    // as a 2024 CSV (ms) with the header newer dumps carry, ETHUSDT zipped
+    // with times in µs as the 2025 dumps have them (and a sub-ms part).
+    let text = {
+        use std::io::Read;
+        let mut text = String::new();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(FRAMES).unwrap()).read_to_string(&mut text).unwrap();
+        text
+    };
+    let (mut btc, mut eth) = (String::from("id,price,qty,quote_qty,time,is_buyer_maker,is_best_match\n"), String::new());
+    for line in text.lines() {
+        let frame: serde_json::Value = serde_json::from_str(line.split_once(' ').unwrap().1).unwrap();
+        let d = &frame["data"];
+        let maker = if d["m"].as_bool().unwrap() { "True" } else { "False" };
+        let (id, p, q, t) = (d["t"].as_i64().unwrap(), d["p"].as_str().unwrap(), d["q"].as_str().unwrap(), d["T"].as_i64().unwrap());
+        match d["s"].as_str().unwrap() {
+            "BTCUSDT" => btc.push_str(&format!("{id},{p},{q},0,{t},{maker},True\n")),
+            _ => eth.push_str(&format!("{id},{p},{q},0,{}{:03},{maker},True\n", t, id % 1000)),
+        }
+    }
+    let btc_csv = dir.path().join("BTCUSDT-trades-2024-08-08.csv");
+    std::fs::write(&btc_csv, btc).unwrap();
+    let eth_zip = dir.path().join("ETHUSDT-trades-2024-08-08.zip");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&eth_zip).unwrap());
+    zip.start_file("ETHUSDT-trades-2024-08-08.csv", zip::write::SimpleFileOptions::default()).unwrap();
+    zip.write_all(eth.as_bytes()).unwrap();
+    zip.finish().unwrap();
+
+    let out = dir.path().join("out");
+    let imported = record::binance_csv::import(&[btc_csv, eth_zip], &out, None).unwrap();
+    assert_eq!(imported.iter().map(|r| (r.summary.rows, r.rejected)).collect::<Vec<_>>(), [(9_757, 0), (6_106, 0)]);
+    let mut from_dumps: Vec<_> = imported.iter().flat_map(|r| bars_of(&r.output)).collect();
+    from_dumps.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let from_frames = bars_of(&record::record_frames(&[FRAMES.into()], &dir.path().join("frames")).unwrap()[0].output);
+    assert_eq!(from_dumps.len() as u64, crate::common::fixture::BARS);
+    assert_eq!(from_dumps, from_frames);
+
+    // A dump without the symbol in its name needs --symbol; a bad row is a reject.
+    let odd = dir.path().join("trades.csv");
+    std::fs::write(&odd, "1,100.0,1.0,100.0,1723161255000,True,True\n2,abc,1.0,0,1723161255001,False,True\n3,1.0,1.0,1.0,1723161255002\n")
+        .unwrap();
+    assert!(record::binance_csv::import(std::slice::from_ref(&odd), &out, None).unwrap_err().to_string().contains("--symbol"));
+    let imported = record::binance_csv::import(&[odd], &out, Some("BTCUSDT")).unwrap();
+    assert_eq!((imported[0].summary.rows, imported[0].rejected), (1, 2));
+    let rejects = std::fs::read_to_string(out.join("trades.rejects.jsonl")).unwrap();
+    assert!(rejects.contains("bad_price") && rejects.contains("7 comma-separated fields"), "{rejects}");
+}
