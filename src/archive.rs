@@ -65,6 +65,13 @@ impl ArchiveSummary {
     }
 }
 
+/// Rows in a Parquet file: a trade archive's or any other's (see [`open`]).
+pub fn row_count(path: &Path) -> Result<u64> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| parquet_err(path, e))?;
+    Ok(u64::try_from(reader.metadata().file_metadata().num_rows()).unwrap_or(0))
+}
+
 /// Writes one archive: batches in, a complete file out on [`finish`](Self::finish).
 pub struct ArchiveWriter {
     path: PathBuf,
@@ -152,15 +159,74 @@ fn summarize(ids: &mut Vec<i64>) -> SymbolIds {
 pub fn open(path: &Path, batch_rows: usize) -> Result<impl Iterator<Item = Result<RecordBatch, ArrowError>> + Send> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_err(path, e))?;
-    let widen = if builder.schema().fields() == schema().fields() {
-        false
+    let read = if builder.schema().fields() == schema().fields() {
+        Read::AsIs
     } else if builder.schema().fields() == narrow_schema().fields() {
-        true
+        Read::Widened
     } else {
-        return Err(Error::invalid_data(path.display().to_string(), format!("not a trade archive (schema {:?})", builder.schema())));
+        Read::Cast(cast_plan(builder.schema(), path)?)
     };
     let reader = builder.with_batch_size(batch_rows).build().map_err(|e| parquet_err(path, e))?;
-    Ok(reader.map(move |batch| if widen { batch.and_then(|b| widened(&b)) } else { batch }))
+    Ok(reader.map(move |batch| match &read {
+        Read::AsIs => batch,
+        Read::Widened => batch.and_then(|b| widened(&b)),
+        Read::Cast(plan) => batch.and_then(|b| cast(&b, plan)),
+    }))
+}
+
+/// How the batches of a Parquet file become trade batches.
+enum Read {
+    /// A trade archive of today's schema.
+    AsIs,
+    /// A trade archive from before the decimals were widened.
+    Widened,
+    /// Any other Parquet: per field of the trade schema, the column it is
+    /// cast from (none: the optional event time, left empty).
+    Cast(Vec<Option<usize>>),
+}
+
+/// Which column of `found` each field of the trade schema is cast from,
+/// by name: an error names a missing column or one that cannot be cast.
+fn cast_plan(found: &Schema, path: &Path) -> Result<Vec<Option<usize>>> {
+    let bad = |detail: String| Error::invalid_data(path.display().to_string(), detail);
+    let trades = schema();
+    let needed: Vec<&str> = trades.fields().iter().filter(|f| !f.is_nullable()).map(|f| f.name().as_str()).collect();
+    trades
+        .fields()
+        .iter()
+        .map(|field| match found.index_of(field.name()) {
+            Ok(at) if arrow::compute::can_cast_types(found.field(at).data_type(), field.data_type()) => Ok(Some(at)),
+            Ok(at) => Err(bad(format!(
+                "column {:?} is {}, which does not cast to the trade schema's {}",
+                field.name(),
+                found.field(at).data_type(),
+                field.data_type()
+            ))),
+            Err(_) if field.is_nullable() => Ok(None),
+            Err(_) => Err(bad(format!(
+                "no column {:?}: a trade archive needs the columns {needed:?} (event_time optional); this file has {:?}",
+                field.name(),
+                found.fields().iter().map(|f| f.name()).collect::<Vec<_>>()
+            ))),
+        })
+        .collect()
+}
+
+/// A batch of another Parquet in the trade schema: each column cast, with
+/// an error (not a null) for a value that does not fit; a null in a column
+/// the schema requires is an error too.
+fn cast(batch: &RecordBatch, plan: &[Option<usize>]) -> Result<RecordBatch, ArrowError> {
+    let options = arrow::compute::CastOptions { safe: false, ..Default::default() };
+    let columns = schema()
+        .fields()
+        .iter()
+        .zip(plan)
+        .map(|(field, from)| match from {
+            Some(at) => arrow::compute::cast_with_options(batch.column(*at), field.data_type(), &options),
+            None => Ok(arrow::array::new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<_>, ArrowError>>()?;
+    RecordBatch::try_new(schema(), columns)
 }
 
 /// The trade schema with the decimals of archives before the widening.
@@ -201,6 +267,58 @@ fn parquet_err(path: &Path, source: parquet::errors::ParquetError) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_parquet_whose_columns_cast_reads_as_trades_and_a_missing_column_is_named() {
+        use arrow::array::{BooleanArray, Int64Array, StringArray};
+        let dir = tempfile::tempdir().unwrap();
+        // Another tool's file: other types, another order, an extra column,
+        // no event time.
+        let foreign = Arc::new(Schema::new(vec![
+            Field::new("trade_time", DataType::Int64, false),
+            Field::new("note", DataType::Utf8, true),
+            Field::new("price", DataType::Utf8, false),
+            Field::new("qty", DataType::Utf8, false),
+            Field::new("symbol", DataType::Utf8, false),
+            Field::new("trade_id", DataType::Int64, false),
+            Field::new("buyer_is_maker", DataType::Boolean, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![1_723_161_255_100, 1_723_161_255_900])),
+            Arc::new(StringArray::from(vec![Some("x"), None])),
+            Arc::new(StringArray::from(vec!["61828.02", "0.00000123"])),
+            Arc::new(StringArray::from(vec!["0.5", "25000000000.5"])),
+            Arc::new(StringArray::from(vec!["BTCUSDT", "BTCUSDT"])),
+            Arc::new(Int64Array::from(vec![7, 8])),
+            Arc::new(BooleanArray::from(vec![true, false])),
+        ];
+        let write = |name: &str, schema: Arc<Schema>, columns: Vec<ArrayRef>| {
+            let path = dir.path().join(name);
+            let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), schema.clone(), None).unwrap();
+            writer.write(&RecordBatch::try_new(schema, columns).unwrap()).unwrap();
+            writer.close().unwrap();
+            path
+        };
+        let path = write("foreign.parquet", foreign.clone(), columns.clone());
+        let batches: Vec<RecordBatch> = open(&path, 100).unwrap().map(|b| b.unwrap()).collect();
+        let cols = TradeColumns::new(&batches[0]).unwrap();
+        let (first, second) = (cols.trade(0), cols.trade(1));
+        assert_eq!((first.symbol.as_ref(), first.id, first.price, first.qty), ("BTCUSDT", 7, 6_182_802_000_000, 50_000_000));
+        assert_eq!((first.time_ms, first.buyer_is_maker, first.event_time_ms), (1_723_161_255_100, true, None));
+        assert_eq!((second.price, second.qty), (123, 2_500_000_000_050_000_000));
+
+        // Without the quantity: an error naming it, and what the file has.
+        let no_qty = Arc::new(Schema::new(foreign.fields().iter().filter(|f| f.name() != "qty").cloned().collect::<Vec<_>>()));
+        let mut without = columns.clone();
+        without.remove(3);
+        let err = open(&write("no-qty.parquet", no_qty, without), 100).err().unwrap().to_string();
+        assert!(err.contains("no column \"qty\"") && err.contains("\"note\""), "{err}");
+        // A value that does not fit is an error, not a null.
+        let mut bad = columns;
+        bad[2] = Arc::new(StringArray::from(vec!["61828.02", "not a price"]));
+        let read: Vec<_> = open(&write("bad.parquet", foreign, bad), 100).unwrap().collect();
+        assert!(read[0].is_err());
+    }
 
     #[test]
     fn summarizes_ids_and_gaps() {

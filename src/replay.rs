@@ -16,7 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use tracing::warn;
 
-use crate::archive::{self, ArchiveSummary};
+use crate::archive;
 use crate::binance;
 use crate::error::{Error, Result};
 use crate::kafka::KafkaArgs;
@@ -114,7 +114,7 @@ impl ProducerContext for Deliveries {
 fn publish(config: &ClientConfig, topic: &str, options: &ReplayOptions) -> Result<ReplaySummary> {
     let producer: ThreadedProducer<Deliveries> =
         config.create_with_context(Deliveries::default()).map_err(|e| Error::kafka("replay producer", e))?;
-    let total: u64 = options.files.iter().map(|f| ArchiveSummary::read(f).map(|s| s.rows)).sum::<Result<u64>>()?;
+    let total: u64 = options.files.iter().map(|f| archive::row_count(f)).sum::<Result<u64>>()?;
     let progress = crate::cli::progress_bar(total, "trades", options.progress);
     let started = Instant::now();
     let mut summary = ReplaySummary::default();
