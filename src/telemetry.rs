@@ -104,6 +104,15 @@ pub const TRADE_TO_REDIS_SECONDS: &str = "cryptopulse_trade_to_redis_seconds";
 /// closed it (or the tick that finalised it) to the Redis ack.
 pub const BAR_LATENCY_SECONDS: &str = "cryptopulse_bar_latency_seconds";
 
+/// Gauge: work items (bars or checkpoints) queued for the consumer's
+/// writer, at most its queue's length: near it, Redis or RocksDB is behind.
+pub const WRITER_QUEUE: &str = "cryptopulse_writer_queue";
+/// Records the broker refused for good (the process then stops), label
+/// `topic_kind`: `raw`, `dead_letter` or `gaps`.
+pub const KAFKA_DELIVERY_ERRORS: &str = "cryptopulse_kafka_delivery_errors_total";
+/// Gauge, always 1, labels `service` and `version`: which build runs.
+pub const BUILD_INFO: &str = "cryptopulse_build_info";
+
 // Producer.
 /// Trades the broker acknowledged.
 pub const PRODUCER_TRADES: &str = "cryptopulse_producer_trades_total";
@@ -121,7 +130,7 @@ pub const GAP_TRADES_UNFILLED: &str = "cryptopulse_gap_trades_unfilled_total";
 pub const PRODUCER_IN_FLIGHT: &str = "cryptopulse_producer_in_flight";
 
 /// Every name above: what the dashboard may query.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 24] = [
     CONSUMER_RECORDS,
     CONSUMER_TRADES_APPLIED,
     BARS_WRITTEN,
@@ -134,6 +143,9 @@ pub const ALL: [&str; 21] = [
     REDIS_WRITE_RETRIES,
     REDIS_WRITE_ERRORS,
     LAST_BAR_WRITTEN,
+    WRITER_QUEUE,
+    KAFKA_DELIVERY_ERRORS,
+    BUILD_INFO,
     TRADE_TO_REDIS_SECONDS,
     BAR_LATENCY_SECONDS,
     PRODUCER_TRADES,
@@ -169,6 +181,9 @@ pub fn install(addr: Option<SocketAddr>) -> Result<()> {
         .install()
         .map_err(|e| fail(&e))?;
     describe();
+    let service =
+        std::env::args().next().and_then(|arg0| std::path::Path::new(&arg0).file_name().map(|name| name.to_string_lossy().into_owned()));
+    metrics::gauge!(BUILD_INFO, "service" => service.unwrap_or_default(), "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     INSTALLED.store(true, Ordering::Relaxed);
     info!(%addr, "serving Prometheus metrics on /metrics");
     Ok(())
@@ -194,6 +209,9 @@ fn describe() {
     describe_counter!(REDIS_WRITE_RETRIES, "Redis writes that failed and were retried");
     describe_counter!(REDIS_WRITE_ERRORS, "Redis writes given up on");
     describe_gauge!(LAST_BAR_WRITTEN, Unit::Seconds, "Unix time at which Redis acknowledged the symbol's newest bar");
+    describe_gauge!(WRITER_QUEUE, "Work items queued for the consumer's writer");
+    describe_counter!(KAFKA_DELIVERY_ERRORS, "Records the broker refused for good, by topic kind");
+    describe_gauge!(BUILD_INFO, "Always 1: the service and version of the running build");
     describe_histogram!(TRADE_TO_REDIS_SECONDS, Unit::Seconds, "Redis ack wall time minus the bar's end (trade time)");
     describe_histogram!(BAR_LATENCY_SECONDS, Unit::Seconds, "Poll of the closing trade (or tick) to the Redis ack of its bar");
     describe_counter!(PRODUCER_TRADES, "Trades acknowledged by the broker");
@@ -295,7 +313,8 @@ mod tests {
             assert!(name.starts_with("cryptopulse_") && name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
             assert!(seen.insert(name), "{name} twice");
             let counter = name.ends_with("_total");
-            let gauge = [CONSUMER_LAG, PRODUCER_IN_FLIGHT].contains(&name) || name.ends_with("_timestamp_seconds");
+            let gauge =
+                [CONSUMER_LAG, PRODUCER_IN_FLIGHT, WRITER_QUEUE, BUILD_INFO].contains(&name) || name.ends_with("_timestamp_seconds");
             assert!(counter || gauge || name.ends_with("_seconds"), "{name}: a counter ends in _total, a histogram in its unit");
         }
         assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));

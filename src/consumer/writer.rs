@@ -131,6 +131,7 @@ impl Writer {
     /// item. If the writer stopped on an error, that error.
     pub async fn send(&mut self, work: Work) -> Result<()> {
         if self.tx.send(work).await.is_ok() {
+            metrics::gauge!(crate::telemetry::WRITER_QUEUE).set((self.tx.max_capacity() - self.tx.capacity()) as f64);
             return Ok(());
         }
         // The receiver is gone only when the task ended, and it ends early

@@ -160,7 +160,10 @@ async fn flush(pending: &mut Vec<DeliveryFuture>) -> Result<()> {
     for delivery in pending.drain(..) {
         match delivery.await {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(Error::kafka("deliver dead letter", e)),
+            Ok(Err((e, _))) => {
+                metrics::counter!(crate::telemetry::KAFKA_DELIVERY_ERRORS, "topic_kind" => "dead_letter").increment(1);
+                return Err(Error::kafka("deliver dead letter", e));
+            }
             Err(_) => return Err(Error::task_failed("dead-letter producer", "shut down before delivery")),
         }
     }

@@ -329,7 +329,15 @@ impl Publisher {
                 }
                 Sent::Gap => {}
             },
-            Ok(Err((e, _))) => return Err(Error::kafka("publish", e)),
+            Ok(Err((e, _))) => {
+                let kind = match sent {
+                    Sent::Trade { .. } => "raw",
+                    Sent::DeadLetter => "dead_letter",
+                    Sent::Gap => "gaps",
+                };
+                metrics::counter!(telemetry::KAFKA_DELIVERY_ERRORS, "topic_kind" => kind).increment(1);
+                return Err(Error::kafka("publish", e));
+            }
             Err(_) => return Err(Error::task_failed("producer", "shut down before delivery")),
         }
         Ok(())

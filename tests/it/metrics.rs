@@ -80,6 +80,13 @@ async fn prometheus_scrapes_what_the_consumer_did() {
     let consumer = |name: &str| prometheus.value(&format!(r#"sum({name}{{job="consumer"}})"#));
     assert_eq!(prometheus.value(r#"up{job="consumer"}"#), 1.0);
     assert_eq!(prometheus.value(r#"up{job="producer"}"#), 1.0, "the producer's /metrics is scraped");
+    let builds = prometheus.query(telemetry::BUILD_INFO);
+    let services: Vec<&str> = builds.iter().filter_map(|(labels, _)| labels["service"].as_str()).collect();
+    assert!(services.contains(&"consumer") && services.contains(&"producer"), "{builds:?}");
+    assert!(builds.iter().all(|(labels, v)| *v == 1.0 && labels["version"] == env!("CARGO_PKG_VERSION")), "{builds:?}");
+    // The writer's queue was written to, and is at most its length.
+    let queued = prometheus.value(&format!(r#"{}{{job="consumer"}}"#, telemetry::WRITER_QUEUE));
+    assert!((0.0..=16.0).contains(&queued), "{queued}");
     // Nothing listens where the producer connects: it keeps reconnecting.
     assert!(prometheus.value(&format!(r#"sum({}{{job="producer"}})"#, telemetry::WS_RECONNECTS)) >= 1.0);
     assert_eq!(consumer(telemetry::CONSUMER_RECORDS), FIXTURE_TRADES + duplicates + 1.0);
