@@ -25,6 +25,8 @@ impl KafkaArgs {
     /// account that may read and write the topics but not create them
     /// works once they exist.
     pub async fn ensure(&self, topics: &[(&str, i32)]) -> Result<()> {
+        let args = self.clone();
+        tokio::task::spawn_blocking(move || args.check_reachable()).await.map_err(|e| Error::join("kafka probe", e))??;
         let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
         let missing = missing_topics(&admin, topics)?;
         if missing.is_empty() {

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod dead_letter;
 pub mod fetch;
+pub mod probe;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
