@@ -66,6 +66,9 @@ struct Cli {
     /// checkpoints and Redis keys.
     #[arg(long, env = "CRYPTOPULSE_MAX_SYMBOLS", default_value_t = DEFAULT_MAX_SYMBOLS as u32, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_symbols: u32,
+    /// Print the run's summary as one JSON object instead of a line.
+    #[arg(long = "json", env = "CRYPTOPULSE_SUMMARY_JSON")]
+    json: bool,
 }
 
 #[tokio::main]
@@ -91,6 +94,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let summary = consumer::run(config, cli::shutdown_signal()).await.context("consumer failed")?;
     let c = &summary.counts;
+    if args.json {
+        let totals =
+            serde_json::json!({"applied": c.applied, "duplicates": c.duplicates, "late": c.late, "rejected": c.rejected, "bars": c.bars});
+        let run = serde_json::json!({
+            "records": summary.records,
+            "elapsed_s": summary.elapsed.as_secs_f64(),
+            "dead_letters": summary.dead_letters,
+            "checkpoints": summary.checkpoints,
+            "rebuilds": summary.rebuilds,
+            "totals": totals,
+        });
+        println!("{run}");
+        return Ok(());
+    }
     println!(
         "this run: {} records in {:.2}s, {} dead letters, {} checkpoints | totals of the state dir: applied {} duplicates {} late {} rejected {} bars {}",
         summary.records,

@@ -26,6 +26,9 @@ struct Cli {
     /// each symbol's last published trade.
     #[arg(long, env = "CRYPTOPULSE_TAIL_SCAN_RECORDS", default_value_t = 1_000_000)]
     tail_scan_records: i64,
+    /// Print the run's summary as one JSON object instead of a line.
+    #[arg(long = "json", env = "CRYPTOPULSE_SUMMARY_JSON")]
+    json: bool,
 }
 
 #[tokio::main]
@@ -38,6 +41,25 @@ async fn main() -> anyhow::Result<()> {
     config.gaps_topic = args.gaps_topic;
     config.tail_scan_records = args.tail_scan_records;
     let summary = producer::run(config, cli::shutdown_signal()).await.context("producer failed")?;
-    println!("{summary}");
+    if args.json {
+        let s = &summary.stream;
+        println!(
+            "{}",
+            serde_json::json!({
+                "published": summary.published,
+                "from_rest": summary.from_rest,
+                "dead_letters": summary.dead_letters,
+                "reconnects": s.reconnects,
+                "rotations": s.rotations,
+                "gaps_found": s.gaps_found,
+                "unfilled": s.unfilled,
+                "overlaps_dropped": s.duplicates,
+                "rest_requests": s.rest_requests,
+                "rest_throttled": s.rest_throttled,
+            })
+        );
+    } else {
+        println!("{summary}");
+    }
     Ok(())
 }

@@ -265,3 +265,34 @@ async fn topics_are_created_only_when_missing_and_never_with_no_create_topics() 
     assert!(lane.replay(None, Some(fixture::MIDDLE_MS)).await.trades > 0);
     assert_eq!(cryptopulse::kafka::partitions_of(&admin, &lane.kafka.topic).unwrap().len(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_summary_is_one_json_object_with_json() {
+    let lane = Lane::new("summary-json");
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_consumer"));
+    command
+        .args([
+            "--exit-at-end",
+            "--json",
+            "--brokers",
+            &lane.kafka.brokers,
+            "--topic",
+            &lane.kafka.topic,
+            "--dlq-topic",
+            &lane.kafka.dlq_topic,
+        ])
+        .args(["--redis-prefix", &lane.redis.target.prefix, "--group-id", &lane.name])
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url);
+    let output = tokio::task::spawn_blocking(move || command.output()).await.expect("thread").expect("consumer");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    let records = summary["records"].as_u64().expect("records");
+    assert!(records > 0 && records < TRADES, "half the fixtures: {summary}");
+    assert_eq!(summary["totals"]["applied"].as_u64(), Some(records), "{summary}");
+    assert_eq!((summary["dead_letters"].as_u64(), summary["rebuilds"].as_u64()), (Some(0), Some(0)), "{summary}");
+    assert!(summary["totals"]["bars"].as_u64().is_some_and(|bars| bars > 0 && bars < BARS), "{summary}");
+}
