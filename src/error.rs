@@ -126,8 +126,16 @@ impl Error {
         Error::Kafka { context: context.into(), source }
     }
 
+    /// A Redis error; an ACL refusal (NOPERM) says what the user needs.
     pub(crate) fn redis(context: impl Into<String>, source: redis::RedisError) -> Self {
-        Error::Redis { context: context.into(), source }
+        let context = context.into();
+        if source.code() == Some("NOPERM") {
+            return Error::Config(format!(
+                "redis refused to {context} ({source}): the ACL user needs the keys under --redis-prefix (`~PREFIX:*`) \
+                 and the commands listed in docs/security.md"
+            ));
+        }
+        Error::Redis { context, source }
     }
 
     pub(crate) fn binance(context: impl Into<String>, detail: impl std::fmt::Display) -> Self {

@@ -117,7 +117,10 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
 
 async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     let kafka = config.kafka.clone();
-    tokio::task::spawn_blocking(move || kafka.check_reachable()).await.map_err(|e| Error::join("kafka probe", e))??;
+    let group = config.group_id.clone();
+    tokio::task::spawn_blocking(move || kafka.check_reachable().and_then(|()| kafka.check_group(&group)))
+        .await
+        .map_err(|e| Error::join("kafka probe", e))??;
     let store = Arc::new(open_store(&config).await?);
     let consumer = Arc::new(source::create_consumer(&config)?);
     let partition_ids = kafka::partitions_of(consumer.as_ref(), &config.kafka.topic)?;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::ClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::KafkaArgs;
 use crate::error::{Error, Result};
@@ -27,6 +28,7 @@ enum Cause {
     UntrustedBroker,
     ClientCertificate,
     NotTls,
+    GroupDenied,
 }
 
 fn cause_of(text: &str) -> Option<Cause> {
@@ -39,6 +41,8 @@ fn cause_of(text: &str) -> Option<Cause> {
         Some(Cause::ClientCertificate)
     } else if text.contains("disconnected") && text.contains("apiversion_query") {
         Some(Cause::NotTls)
+    } else if text.contains("group authorization failed") {
+        Some(Cause::GroupDenied)
     } else {
         None
     }
@@ -93,6 +97,40 @@ impl KafkaArgs {
     }
 }
 
+impl KafkaArgs {
+    /// Asks for consumer group `group_id`'s committed offsets, which needs
+    /// the group's DESCRIBE (READ implies it), listening for a refusal: an
+    /// account that may not use the group is told so at start. Otherwise
+    /// every commit is refused, and a run to the end waits out its final
+    /// commit (46 s measured) to exit 0 as if nothing were wrong. librdkafka
+    /// says the refusal only as an error event while the request waits for
+    /// a coordinator it is not allowed to find.
+    pub fn check_group(&self, group_id: &str) -> Result<()> {
+        let config = self.config_with(&[("group.id", group_id)])?;
+        let consumer: BaseConsumer<Probe> = config.create_with_context(Probe::default()).map_err(|e| Error::kafka("probe client", e))?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&self.topic, 0);
+        let started = Instant::now();
+        while started.elapsed() < LISTEN {
+            let answer = consumer.committed_offsets(list.clone(), Duration::from_secs(1));
+            let _ = consumer.poll(Duration::ZERO);
+            let cause = consumer.context().cause.lock().ok().and_then(|seen| *seen);
+            let denied = answer.as_ref().err().and_then(KafkaError::rdkafka_error_code) == Some(RDKafkaErrorCode::GroupAuthorizationFailed);
+            if denied || cause == Some(Cause::GroupDenied) {
+                return Err(Error::Config(format!(
+                    "the brokers at {} refuse consumer group {group_id:?} to this account (its offsets are committed for lag monitoring): \
+                     choose a --group-id (CRYPTOPULSE_GROUP_ID) the account may use, or grant it READ on that group",
+                    self.brokers
+                )));
+            }
+            if answer.is_ok() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Whether the settings speak plain text (`security.protocol` unset,
 /// `plaintext` or `sasl_plaintext`).
 fn plain(config: &rdkafka::ClientConfig) -> bool {
@@ -116,6 +154,7 @@ fn explain(cause: Cause, config: &rdkafka::ClientConfig, brokers: &str) -> Strin
             setting("ssl.certificate.location"),
             setting("ssl.key.location")
         ),
+        Cause::GroupDenied => format!("the brokers at {brokers} refuse the consumer group named by group.id to this account"),
         Cause::NotTls => format!(
             "the brokers at {brokers} closed the connection at the first request ({}): the port probably expects TLS; check security.protocol (SSL or SASL_SSL)",
             setting("security.protocol")
@@ -134,6 +173,7 @@ mod tests {
             ("SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified", Cause::UntrustedBroker),
             ("SSL handshake failed: sslv3 alert bad certificate: SSL alert number 42", Cause::ClientCertificate),
             ("Disconnected: connection closed by peer: receive 0 after POLLIN (after 1ms in state APIVERSION_QUERY)", Cause::NotTls),
+            ("FindCoordinator response error: Group authorization failed.", Cause::GroupDenied),
         ] {
             assert_eq!(cause_of(text), Some(cause), "{text}");
         }

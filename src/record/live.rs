@@ -236,6 +236,8 @@ pub fn record_topic(
     exit_at_end: bool,
     stop: &AtomicBool,
 ) -> Result<LiveRecorded> {
+    kafka.check_reachable()?;
+    kafka.check_group(group)?;
     let consumer: BaseConsumer = kafka
         .config_with(&[("group.id", group), ("enable.auto.commit", "false"), ("auto.offset.reset", "earliest")])?
         .create()

@@ -299,6 +299,8 @@ impl Harness<'_> {
 
 /// Creates the topics (they must be new) and checks no state or keys exist.
 async fn prepare(config: &CrashConfig, lanes: &[&Lane]) -> Result<()> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka.check_reachable()).await.map_err(|e| Error::join("kafka probe", e))??;
     let admin: AdminClient<DefaultClientContext> = config.kafka.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
     let raw = NewTopic::new(&config.kafka.topic, config.kafka.partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1");
     let topics: Vec<NewTopic> =

@@ -106,6 +106,10 @@ pub async fn run(config: &DoctorConfig) -> Vec<Check> {
 /// Metadata from the broker, then the two topics.
 fn check_kafka(args: &KafkaArgs, timeout: Duration) -> Vec<Check> {
     const START: &str = "start it with scripts/services up (or docker compose up -d kafka), or point --brokers at it";
+    // A refused password or certificate is named, not called unreachable.
+    if let Err(e) = args.check_reachable() {
+        return vec![Check::fail("kafka", format!("broker {} refused this client", args.brokers), e.to_string())];
+    }
     let client = args
         .config_with(&[("group.id", "cryptopulse-doctor"), ("log_level", "0")])
         .and_then(|config| config.create::<BaseConsumer>().map_err(|e| crate::Error::kafka("create client", e)));
@@ -138,16 +142,29 @@ async fn check_redis(target: &RedisTarget, timeout: Duration) -> Check {
     let shown = secret::redact_url(&target.url);
     match tokio::time::timeout(timeout * 2, redis_facts(target, timeout)).await {
         Ok(Ok(detail)) => Check::pass("redis", format!("{shown}: {detail}")),
-        Ok(Err(e)) => Check::fail(
-            "redis",
-            format!("{shown}: {e}"),
-            "start it with scripts/services up (or docker compose up -d redis), or point --redis-url at it",
-        ),
+        Ok(Err(e)) => {
+            let hint = redis_hint(&e);
+            Check::fail("redis", format!("{shown}: {e}"), hint)
+        }
         Err(_) => Check::fail(
             "redis",
             format!("{shown}: no answer within {:?}", timeout * 2),
             "is it paused or overloaded? scripts/services status",
         ),
+    }
+}
+
+/// What to do about a Redis failure, by what it says.
+fn redis_hint(error: &str) -> &'static str {
+    let text = error.to_ascii_lowercase();
+    if ["authentication", "wrongpass", "noauth"].iter().any(|word| text.contains(word)) {
+        "check the user in --redis-url and the password: CRYPTOPULSE_REDIS_PASSWORD or the file named by CRYPTOPULSE_REDIS_PASSWORD_FILE"
+    } else if text.contains("noperm") {
+        "the ACL user needs the keys under --redis-prefix and the commands listed in docs/security.md"
+    } else if ["certificate", "tls", "handshake"].iter().any(|word| text.contains(word)) {
+        "check CRYPTOPULSE_REDIS_CA_FILE (the CA that signed the server's certificate) and the URL's host"
+    } else {
+        "start it with scripts/services up (or docker compose up -d redis), or point --redis-url at it"
     }
 }
 

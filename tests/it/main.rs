@@ -22,6 +22,7 @@
 //! - `recovery`: a bad checkpoint, a second owner, Redis paused or emptied
 //! - `reference`: every bar against exact decimal arithmetic and shipped values
 //! - `secrets`: no secret from a flag or in `--help`; a Redis password from a file
+//! - `security`: SASL_SSL and SSL with ACLs (scripts/secure-kafka): end to end as a limited account, wrong settings
 //! - `services`: `scripts/services clean-tests` and the lane names it matches
 //! - `sink`: the Redis sink written in any cut, and its retention
 
@@ -43,5 +44,6 @@ mod record;
 mod recovery;
 mod reference;
 mod secrets;
+mod security;
 mod services;
 mod sink;

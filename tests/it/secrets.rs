@@ -259,3 +259,111 @@ fn rediss_checks_the_server_against_the_given_ca_and_fails_clearly_otherwise() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// The commands the consumer needs, for an ACL user of its own: connecting,
+/// the layout key and symbols set, and the write script (EVALSHA, loaded
+/// once by SCRIPT LOAD) with the commands it calls. docs/security.md gives
+/// the same line.
+const CONSUMER_COMMANDS: &str = "-@all +ping +hello +auth +get +set +sadd +evalsha +script|load \
+     +exists +hexists +hget +hset +hmget +del +xadd +xlen +xrevrange +xtrim +zadd +zcard +zremrangebyscore";
+
+/// A redis-server of this test's own: TLS only, client certificates
+/// required, the default user off, and users `pipeline` (keys `prefix:*`)
+/// and `elsewhere` (keys `elsewhere:*`) with the consumer's commands and
+/// password `password`; a plain port for `inspector` (password `password`,
+/// every key, read commands only) to look with.
+fn acl_redis(dir: &std::path::Path, prefix: &str, password: &str) -> (Child, u16, u16) {
+    let [tls, plain] = [0, 0].map(|_| TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut child = Command::new("redis-server")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian's is built with TLS)");
+    // The configuration, passwords included, on its standard input.
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    let config = format!(
+        "port {plain}\ntls-port {tls}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n\
+         tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients yes\n\
+         user default off\n\
+         user pipeline on >{password} resetkeys ~{prefix}:* resetchannels {CONSUMER_COMMANDS}\n\
+         user elsewhere on >{password} resetkeys ~elsewhere:* resetchannels {CONSUMER_COMMANDS}\n\
+         user inspector on >{password} ~* -@all +@read +@connection +type +scan\n",
+        file("server.crt"),
+        file("server.key"),
+        file("ca.crt")
+    );
+    stdin.write_all(config.as_bytes()).unwrap();
+    drop(stdin);
+    let started = Instant::now();
+    while [tls, plain].iter().any(|port| TcpListener::bind(("127.0.0.1", *port)).is_ok()) {
+        assert!(started.elapsed() < Duration::from_secs(10), "redis-server on {tls}/{plain} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, tls, plain)
+}
+
+/// The fixtures through Kafka to a Redis over TLS with a client certificate,
+/// as an ACL user that may only touch the prefix's keys with the consumer's
+/// commands: the plain run's digest. A wrong CA, a wrong password and a user
+/// whose keys are elsewhere each fail within 15 s with a message saying
+/// what to check, and the password shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_writes_to_redis_over_tls_as_an_acl_user_limited_to_its_keys() {
+    let expected = crate::common::Lane::undisturbed("secrets-acl-plain").await;
+    let lane = crate::common::Lane::new("secrets-acl");
+    lane.replay(None, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (mut server, tls, plain) = acl_redis(dir.path(), &lane.name, SECRET);
+    let password = dir.path().join("password");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&password, SECRET).unwrap();
+    std::fs::write(&wrong, "wrong-redis-password").unwrap();
+    let consume = |user: &str, ca: &str, password: &std::path::Path| {
+        let state = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_consumer"))
+            .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
+            .args(["--group-id", &format!("{}-group", lane.name), "--redis-prefix", &lane.name, "--exit-at-end"])
+            .args(["--redis-retry-secs", "5"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("CRYPTOPULSE_REDIS_URL", format!("rediss://{user}@127.0.0.1:{tls}"))
+            .env_remove("CRYPTOPULSE_REDIS_PASSWORD")
+            .env("CRYPTOPULSE_REDIS_PASSWORD_FILE", password)
+            .env("CRYPTOPULSE_REDIS_CA_FILE", dir.path().join(ca))
+            .env("CRYPTOPULSE_REDIS_CERT_FILE", dir.path().join("client.crt"))
+            .env("CRYPTOPULSE_REDIS_KEY_FILE", dir.path().join("client.key"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("consumer");
+        (output, started.elapsed())
+    };
+
+    let (output, _) = consume("pipeline", "ca.crt", &password);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!text(&output).contains(SECRET), "{}", text(&output));
+    let inspect = format!("redis://inspector:{SECRET}@127.0.0.1:{plain}");
+    let mut conn = cryptopulse::sink::connect(&inspect).await.expect("redis");
+    let written = cryptopulse::tooling::digest::digest(&mut conn, &lane.name).await.expect("digest");
+    assert_eq!((written.sha256.as_str(), written.keys), (expected.sha256.as_str(), expected.keys), "Redis differs from the plain run's");
+    assert!(!written.dump.contains(SECRET));
+
+    for (what, user, ca, password, says) in [
+        ("an untrusted server", "pipeline", "other-ca.crt", &password, "CRYPTOPULSE_REDIS_CA_FILE"),
+        ("a wrong password", "pipeline", "ca.crt", &wrong, "CRYPTOPULSE_REDIS_PASSWORD"),
+        ("a user whose keys are elsewhere", "elsewhere", "ca.crt", &password, "the ACL user needs the keys under --redis-prefix"),
+    ] {
+        let (output, took) = consume(user, ca, password);
+        let shown = text(&output);
+        assert!(!output.status.success(), "{what}: {shown}");
+        assert!(shown.contains(says), "{what}: the message does not say {says}: {shown}");
+        assert!(took < Duration::from_secs(15), "{what}: took {took:?}");
+        assert!(!shown.contains(SECRET) && !shown.contains("wrong-redis-password"), "{what}: shows the password: {shown}");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -17,7 +17,7 @@ use cryptopulse::window::WindowConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 pub mod prometheus;
 
@@ -198,11 +198,8 @@ impl Lane {
 
     /// Every record of the dead-letter topic.
     pub fn dead_letters(&self, expected: usize) -> Vec<Letter> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.kafka.brokers)
-            .set("group.id", format!("{}-dlq-reader", self.name))
-            .create()
-            .expect("consumer");
+        let consumer: BaseConsumer =
+            self.kafka.config_with(&[("group.id", &format!("{}-dlq-reader", self.name))]).expect("settings").create().expect("consumer");
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.kafka.dlq_topic, 0, Offset::Beginning).expect("partition");
         consumer.assign(&list).expect("assign");
