@@ -189,12 +189,11 @@ fn row_letter(batch: &PartitionBatch, cols: &TradeColumns<'_>, row: usize, reaso
         Reject::TooManySymbols => "is of a new symbol in a partition holding --max-symbols",
         _ => "would take its bar's sums past what they hold exactly",
     };
-    DeadLetter {
+    DeadLetter::new(
         reason,
-        detail: format!("trade {} of {} at {} {why}", trade.id, trade.symbol, trade.time_ms),
-        partition: batch.partition,
-        offset: batch.offsets[row],
-        key: Some(trade.symbol.as_bytes().to_vec()),
-        payload: batch.payloads.value(row).to_vec(),
-    }
+        format!("trade {} of {} at {} {why}", trade.id, trade.symbol, trade.time_ms),
+        (batch.partition, batch.offsets[row]),
+        Some(trade.symbol.as_bytes()),
+        batch.payloads.value(row),
+    )
 }

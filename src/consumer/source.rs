@@ -248,10 +248,19 @@ pub fn run_source(
     Ok(())
 }
 
+/// Payload bytes after which a round ends whatever its rows: a round holds
+/// the payloads of its trades (for late ones' dead letters), and records
+/// padded to the topic's limit would otherwise make `max_rows` of them
+/// gigabytes. Measured with `hostile --mutants 20000 --seed 2` (2,220
+/// trades padded with 20-200 KB of nesting): peak RSS 332 MiB without it,
+/// 145 MiB with it (a clean run: 40 MiB).
+const MAX_ROUND_BYTES: usize = 16 << 20;
+
 /// The batches of a round, its rejects, and when its first record came.
 type Polled = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 
-/// One batch: what is queued once the first record came, up to `max_rows`;
+/// One batch: what is queued once the first record came, up to `max_rows`
+/// (or [`MAX_ROUND_BYTES`] of payload);
 /// when the queue runs dry, more only until `linger` after the first record.
 ///
 /// A batch never waits for records that are not there yet with the default
@@ -260,7 +269,7 @@ type Polled = (BTreeMap<i32, Pending>, Vec<DeadLetter>, Option<Instant>);
 fn poll_round(fetch: &mut SourceQueue, options: &SourceOptions, unfinished: &mut BTreeMap<i32, i64>) -> Result<Polled> {
     let mut pending: BTreeMap<i32, Pending> = BTreeMap::new();
     let mut rejected = Vec::new();
-    let mut rows = 0;
+    let (mut rows, mut bytes) = (0, 0);
     let mut first: Option<Instant> = None;
     // One clock read per round: the future tolerance is an hour, not a millisecond.
     let now_ms = binance::now_ms();
@@ -294,9 +303,10 @@ fn poll_round(fetch: &mut SourceQueue, options: &SourceOptions, unfinished: &mut
             // Bar latency is measured from here: one clock read per batch.
             first.get_or_insert_with(Instant::now);
             rows += 1;
+            bytes += record.payload.len();
             take(&record, &mut pending, &mut rejected, unfinished, (now_ms, options.future_tolerance));
         }
-        if rows >= options.max_rows {
+        if rows >= options.max_rows || bytes >= MAX_ROUND_BYTES {
             break;
         }
     }
@@ -337,14 +347,7 @@ fn take(
         }
         Err(rejection) => {
             debug!(partition, offset, reason = %rejection.reason, "record rejected");
-            rejected.push(DeadLetter {
-                reason: rejection.reason,
-                detail: rejection.detail,
-                partition,
-                offset,
-                key: record.key.map(<[u8]>::to_vec),
-                payload: payload.to_vec(),
-            });
+            rejected.push(DeadLetter::new(rejection.reason, rejection.detail, (partition, offset), record.key, payload));
         }
     }
 }

@@ -533,10 +533,10 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 }
 
 /// splitmix64: a small deterministic generator, so a seed replays a test.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -545,7 +545,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `0..n` (0 when `n` is 0); the modulo bias is negligible here.
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next().checked_rem(n).unwrap_or(0)
     }
 

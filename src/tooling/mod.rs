@@ -6,6 +6,7 @@
 //! |---|---|
 //! | throughput, CPU, memory and latency of the real binaries | [`bench`] |
 //! | SIGKILLs and crash points against an uncrashed reference | [`crashtest`] |
+//! | seeded mutants of real trades, every record accounted for | [`hostile`] |
 //! | are the services up and wired as the pipeline needs | [`doctor`] |
 //! | a canonical dump and SHA-256 of what is in Redis | [`digest`] |
 
@@ -13,3 +14,4 @@ pub mod bench;
 pub mod crashtest;
 pub mod digest;
 pub mod doctor;
+pub mod hostile;

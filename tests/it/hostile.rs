@@ -248,3 +248,38 @@ async fn a_partition_holds_at_most_max_symbols_and_a_restart_admits_the_same() {
     let again: Vec<String> = redis.smembers(format!("{}:symbols", lane.redis.target.prefix)).await.expect("symbols");
     assert_eq!(again.iter().collect::<std::collections::BTreeSet<_>>(), held.iter().collect());
 }
+
+/// The randomized run (`hostile`) on a lane of its own, with a fixed seed
+/// and every mutation: it exits 0, its report accounts for every record
+/// (applied + duplicates + dead letters = produced, every clean trade
+/// applied) and the Redis of the mixed input equals the clean run's.
+#[test]
+fn the_randomized_run_accounts_for_every_record_and_leaves_the_clean_bars() {
+    let lane = Lane::new("hostile-run");
+    let work = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_hostile"))
+        .args(["--brokers", &lane.kafka.brokers, "--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic])
+        .args(["--redis-prefix", &lane.name, "--mutants", "600", "--seed", "18", "--json"])
+        .arg("--work-dir")
+        .arg(work.path())
+        .env("CRYPTOPULSE_HOSTILE_CONSUMER_BIN", env!("CARGO_BIN_EXE_consumer"))
+        .output()
+        .expect("hostile");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("one JSON report");
+    let number = |path: &[&str]| path.iter().fold(&report, |v, key| &v[key]).as_u64().unwrap_or_else(|| panic!("{path:?} in {report}"));
+    assert_eq!(number(&["clean"]), fixture::TRADES);
+    assert_eq!(number(&["produced"]), fixture::TRADES + 600);
+    let mutants = report["mutants"].as_object().unwrap();
+    assert_eq!(mutants.len(), cryptopulse::tooling::hostile::Mutation::ALL.len(), "every mutation drawn: {report}");
+    let dead: u64 = report["dead_letters"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(number(&["hostile", "applied"]), fixture::TRADES);
+    assert_eq!(number(&["hostile", "applied"]) + number(&["hostile", "duplicates"]) + dead, number(&["produced"]));
+    assert_eq!(number(&["hostile", "bars"]), fixture::BARS);
+    assert_eq!(report["digest"], report["clean_digest"]);
+    assert!(report["failures"].as_array().unwrap().is_empty(), "{report}");
+    for reason in ["malformed_json", "bad_time", "unknown_symbol"] {
+        assert!(report["dead_letters"][reason].as_u64().unwrap_or(0) > 0, "no {reason} dead letter: {report}");
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 const SECRET: &str = "hunter2-do-not-print";
 
-fn binaries() -> [(&'static str, &'static str); 10] {
+fn binaries() -> [(&'static str, &'static str); 11] {
     [
         ("producer", env!("CARGO_BIN_EXE_producer")),
         ("consumer", env!("CARGO_BIN_EXE_consumer")),
@@ -20,6 +20,7 @@ fn binaries() -> [(&'static str, &'static str); 10] {
         ("bench", env!("CARGO_BIN_EXE_bench")),
         ("crashtest", env!("CARGO_BIN_EXE_crashtest")),
         ("gen", env!("CARGO_BIN_EXE_gen")),
+        ("hostile", env!("CARGO_BIN_EXE_hostile")),
     ]
 }
 
