@@ -23,6 +23,10 @@ const PROMETHEUS_DATASOURCE: &str = "grafana/provisioning/datasources/prometheus
 const DATASOURCES: &str = "grafana/provisioning/datasources";
 const DASHBOARD_PROVIDER: &str = "grafana/provisioning/dashboards/dashboards.yaml";
 const COMPOSE: &str = "docker-compose.yml";
+/// The placeholders of `.env.example`, the template of `.env`: the
+/// documented demo values, to be changed.
+const DEMO_VALUES: [&str; 2] = [DEFAULT_PASSWORD, "local-demo-only-change-me"];
+
 /// The only password value allowed in the repository: the documented default,
 /// and only as the default of an environment variable.
 const DEFAULT_PASSWORD: &str = "cryptopulse123";
@@ -360,15 +364,18 @@ fn stream_problems(at: &str, query: &PanelQuery, entries: &[(String, Vec<String>
 /// default stands for a value kept out of the repository wherever it is (a
 /// URL's password, `redis://:${REDIS_PASSWORD}@redis:6379`), so it is taken
 /// out of the line before the search.
-fn secret_values(text: &str) -> Vec<String> {
+pub(crate) fn secret_values(text: &str) -> Vec<String> {
     text.lines()
         .filter(|line| !line.trim_start().starts_with('#'))
         .filter(|line| {
             let plain = without_env_references(line);
             let lower = plain.to_ascii_lowercase();
             let value = ["password", "secret"].iter().filter_map(|word| lower.find(word)).min().and_then(|at| {
-                let rest = &plain[at..];
-                Some(rest[rest.find([':', '='])? + 1..].trim().trim_end_matches(',').trim().trim_matches(['"', '\'']))
+                // The rest of the name (`_FILE`, `"`), then `:` or `=`: an
+                // assignment, not a word in a sentence.
+                let rest = plain[at..].trim_start_matches(|c: char| c.is_ascii_alphanumeric() || "_.\"'".contains(c)).trim_start();
+                let value = rest.strip_prefix([':', '='])?;
+                Some(value.trim().trim_end_matches(',').trim().trim_matches(['"', '\'']))
             });
             value.is_some_and(|value| !is_allowed_secret(value)) || has_url_password(&plain)
         })
@@ -408,7 +415,13 @@ fn is_env_name(name: &str) -> bool {
 }
 
 fn is_allowed_secret(value: &str) -> bool {
-    if value.is_empty() {
+    // A shell variable (`$pw`, compose's escaped `$$REDIS_PASSWORD`) holds
+    // a value from elsewhere; `${...}` is judged below.
+    let shell_variable = value
+        .strip_prefix("$$")
+        .or_else(|| value.strip_prefix('$'))
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'));
+    if value.is_empty() || shell_variable || DEMO_VALUES.contains(&value) {
         return true;
     }
     let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else { return false };
@@ -492,8 +505,8 @@ fn grafana_reads_what_compose_mounts_and_no_secret_is_in_the_repository() {
     let planted = "GF_SECURITY_ADMIN_PASSWORD: hunter2\n\"secureJsonData\": {\"password\": \"s3cret\"},\n\
                    GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:-cryptopulse123}\nCLIENT_SECRET=${OTHER:-letmein}\n# password: a comment\n\
                    REDIS_PASSWORD: ${REDIS_PASSWORD}\nCRYPTOPULSE_REDIS_URL: redis://:${REDIS_PASSWORD}@redis:6379\n\
-                   url: redis://:hunter2@redis:6379";
-    assert_eq!(secret_values(planted).len(), 4, "{:?}", secret_values(planted));
+                   url: redis://:hunter2@redis:6379\nsasl.password=$pw\nADMIN_PASSWORD: ${PW:-letmein}\nlog \"passwords were missing: again\"";
+    assert_eq!(secret_values(planted).len(), 5, "{:?}", secret_values(planted));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
