@@ -117,10 +117,14 @@ pub async fn run(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> 
 
 async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) -> Result<Summary> {
     let kafka = config.kafka.clone();
-    let group = config.group_id.clone();
-    tokio::task::spawn_blocking(move || kafka.check_reachable().and_then(|()| kafka.check_group(&group)))
-        .await
-        .map_err(|e| Error::join("kafka probe", e))??;
+    tokio::task::spawn_blocking(move || kafka.check_reachable()).await.map_err(|e| Error::join("kafka probe", e))??;
+    // The group check waits for the group's coordinator (about 0.1 s of a
+    // start): it runs while the state and Redis are opened, and is awaited
+    // before any record is read.
+    let group_check = {
+        let (kafka, group) = (config.kafka.clone(), config.group_id.clone());
+        tokio::task::spawn_blocking(move || kafka.check_group(&group))
+    };
     let store = Arc::new(open_store(&config).await?);
     let consumer = Arc::new(source::create_consumer(&config)?);
     let partition_ids = kafka::partitions_of(consumer.as_ref(), &config.kafka.topic)?;
@@ -129,6 +133,7 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions, &partition_ids)?;
     let mut sink = connect_sink(&config).await?;
     sink.check(&written(partitions.values(), &config.window)).await?;
+    group_check.await.map_err(|e| Error::join("kafka group check", e))??;
     let dead_letters = DeadLetters::new(&config.kafka)?;
 
     let (tx, rx) = mpsc::channel(2);

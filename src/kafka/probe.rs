@@ -80,20 +80,21 @@ impl KafkaArgs {
     pub fn check_reachable(&self) -> Result<()> {
         let config = self.client_config()?;
         let consumer: BaseConsumer<Probe> = config.create_with_context(Probe::default()).map_err(|e| Error::kafka("probe client", e))?;
-        let started = Instant::now();
-        while started.elapsed() < LISTEN {
+        let answer = listen(|| {
             let answered = consumer.fetch_metadata(None, Duration::from_secs(1)).is_ok();
             // Serves the error events, which reach the context on poll.
             let _ = consumer.poll(Duration::ZERO);
             let cause = consumer.context().cause.lock().ok().and_then(|seen| *seen);
             match (cause, answered) {
-                (Some(Cause::NotTls), _) if !plain(&config) => {}
-                (Some(cause), _) => return Err(Error::Config(explain(cause, &config, &self.brokers))),
-                (None, true) => return Ok(()),
-                (None, false) => {}
+                (Some(Cause::NotTls), _) if !plain(&config) => None,
+                (Some(cause), _) => Some(Err(Error::Config(explain(cause, &config, &self.brokers)))),
+                (None, true) => Some(Ok(())),
+                (None, false) => None,
             }
-        }
-        Ok(())
+        });
+        // Closing a client waits for its threads: not the caller's time.
+        super::close_in_background(consumer);
+        answer
     }
 }
 
@@ -110,25 +111,35 @@ impl KafkaArgs {
         let consumer: BaseConsumer<Probe> = config.create_with_context(Probe::default()).map_err(|e| Error::kafka("probe client", e))?;
         let mut list = TopicPartitionList::new();
         list.add_partition(&self.topic, 0);
-        let started = Instant::now();
-        while started.elapsed() < LISTEN {
+        let answer = listen(|| {
             let answer = consumer.committed_offsets(list.clone(), Duration::from_secs(1));
             let _ = consumer.poll(Duration::ZERO);
             let cause = consumer.context().cause.lock().ok().and_then(|seen| *seen);
             let denied = answer.as_ref().err().and_then(KafkaError::rdkafka_error_code) == Some(RDKafkaErrorCode::GroupAuthorizationFailed);
             if denied || cause == Some(Cause::GroupDenied) {
-                return Err(Error::Config(format!(
+                return Some(Err(Error::Config(format!(
                     "the brokers at {} refuse consumer group {group_id:?} to this account (its offsets are committed for lag monitoring): \
                      choose a --group-id (CRYPTOPULSE_GROUP_ID) the account may use, or grant it READ on that group",
                     self.brokers
-                )));
+                ))));
             }
-            if answer.is_ok() {
-                return Ok(());
-            }
-        }
-        Ok(())
+            answer.is_ok().then_some(Ok(()))
+        });
+        super::close_in_background(consumer);
+        answer
     }
+}
+
+/// Asks `attempt` until it has an answer, for at most [`LISTEN`]; no
+/// answer is left to the caller's own timeouts.
+fn listen(mut attempt: impl FnMut() -> Option<Result<()>>) -> Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < LISTEN {
+        if let Some(answer) = attempt() {
+            return answer;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the settings speak plain text (`security.protocol` unset,

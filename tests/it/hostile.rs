@@ -179,6 +179,16 @@ async fn a_caseless_symbol_and_tens_of_billions_of_units_flow_exactly_also_throu
     assert_eq!(replay::run(&replayed.kafka, options).await.expect("replay").trades, 3);
     replayed.consume(tempfile::tempdir().expect("tempdir").path()).await;
     assert_eq!(replayed.digest().await.sha256, direct.digest().await.sha256);
+
+    // The same frames from the fake Binance through the producer: its
+    // subscription names the stream in the symbol's own letters.
+    let fake = crate::fake_binance::FakeBinance::start_with(&lines, 100).await;
+    let live = Lane::new("wide-live");
+    let produced = crate::producer::run(&fake, &live, crate::producer::config(&fake, &live)).await;
+    assert_eq!((produced.published, produced.dead_letters), (3, 0), "{produced}");
+    assert_eq!(fake.seen().streams, ["币安人生usdt@trade"], "{:?}", fake.seen());
+    live.consume(tempfile::tempdir().expect("tempdir").path()).await;
+    assert_eq!(live.digest().await.sha256, direct.digest().await.sha256);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

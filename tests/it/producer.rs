@@ -20,7 +20,7 @@ use crate::fake_binance::{Behaviour, FakeBinance, MALFORMED};
 /// Frames released per second: the fixtures' 15,863 frames in about 3 s.
 const RATE: usize = 5000;
 
-fn config(fake: &FakeBinance, lane: &Lane) -> ProducerConfig {
+pub(crate) fn config(fake: &FakeBinance, lane: &Lane) -> ProducerConfig {
     let mut stream = StreamConfig::new(fake.symbols(), &fake.ws_url, &fake.rest_url);
     stream.silence_timeout = Duration::from_secs(2);
     let mut config = ProducerConfig::new(lane.kafka.clone(), stream);
@@ -30,7 +30,7 @@ fn config(fake: &FakeBinance, lane: &Lane) -> ProducerConfig {
 
 /// Runs the producer until every frame was released and the topic holds
 /// as many trades as the input, then stops it.
-async fn run(fake: &FakeBinance, lane: &Lane, config: ProducerConfig) -> ProducerSummary {
+pub(crate) async fn run(fake: &FakeBinance, lane: &Lane, config: ProducerConfig) -> ProducerSummary {
     run_short(fake, lane, config, 0).await
 }
 

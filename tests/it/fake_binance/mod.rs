@@ -68,6 +68,8 @@ pub struct Seen {
     /// The trades sent padded ([`Behaviour::Padded`]): symbol, id and the
     /// event (the frame's `data`) as sent.
     pub padded: Vec<(String, i64, String)>,
+    /// The streams of each first SUBSCRIBE request, as named.
+    pub streams: Vec<String>,
 }
 
 struct Shared {
@@ -102,10 +104,20 @@ impl FakeBinance {
     /// follow `script` in order, then [`Behaviour::Stream`]. The first
     /// `throttle` REST requests are answered 429 with `Retry-After: 1`.
     pub async fn start(per_second: usize, script: &[Behaviour], throttle: usize) -> Self {
+        Self::serving(recorded(), per_second, script, throttle).await
+    }
+
+    /// Serves `frames` (combined-stream frames, `{"stream":...,"data":...}`)
+    /// instead of the fixtures'.
+    pub async fn start_with(frames: &[String], per_second: usize) -> Self {
+        Self::serving(frames.iter().map(|text| parse(text.clone())).collect(), per_second, &[], 0).await
+    }
+
+    async fn serving(frames: Vec<Recorded>, per_second: usize, script: &[Behaviour], throttle: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
-            frames: recorded(),
+            frames,
             released: watch::Sender::new(0),
             per_second,
             script: Mutex::new(script.iter().copied().collect()),
@@ -166,23 +178,25 @@ fn recorded() -> Vec<Recorded> {
     let file = std::fs::File::open(FRAMES).unwrap();
     std::io::BufReader::new(flate2::read::MultiGzDecoder::new(file))
         .lines()
-        .map(|line| {
-            let text = line.unwrap().split_once(' ').unwrap().1.to_owned();
-            let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
-            let data = &frame["data"];
-            let rest = serde_json::json!({
-                "id": data["t"], "price": data["p"], "qty": data["q"], "quoteQty": "0",
-                "time": data["T"], "isBuyerMaker": data["m"], "isBestMatch": true,
-            });
-            Recorded {
-                stream: frame["stream"].as_str().unwrap().to_owned(),
-                symbol: data["s"].as_str().unwrap().to_owned(),
-                id: data["t"].as_i64().unwrap(),
-                text,
-                rest: rest.to_string(),
-            }
-        })
+        .map(|line| parse(line.unwrap().split_once(' ').unwrap().1.to_owned()))
         .collect()
+}
+
+/// A combined-stream frame, and what REST says about its trade.
+fn parse(text: String) -> Recorded {
+    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let data = &frame["data"];
+    let rest = serde_json::json!({
+        "id": data["t"], "price": data["p"], "qty": data["q"], "quoteQty": "0",
+        "time": data["T"], "isBuyerMaker": data["m"], "isBestMatch": true,
+    });
+    Recorded {
+        stream: frame["stream"].as_str().unwrap().to_owned(),
+        symbol: data["s"].as_str().unwrap().to_owned(),
+        id: data["t"].as_i64().unwrap(),
+        text,
+        rest: rest.to_string(),
+    }
 }
 
 /// Starts the clock shortly after the first subscription.
@@ -296,6 +310,7 @@ async fn websocket(shared: Arc<Shared>, stream: TcpStream) {
     {
         let mut seen = shared.seen.lock().unwrap();
         seen.subscriptions += 1;
+        seen.streams.extend(streams.lock().unwrap().iter().cloned());
     }
     start_clock(&shared);
     // Pongs, further SUBSCRIBE requests and the client's close are read
