@@ -26,9 +26,11 @@ pub const DEFAULT_RETENTION_SECS: u64 = 24 * 60 * 60;
 /// Its `Debug` hides the URL's password.
 #[derive(Args, Clone)]
 pub struct RedisTarget {
-    /// Redis URL. A password goes in CRYPTOPULSE_REDIS_PASSWORD (or a file
-    /// named by CRYPTOPULSE_REDIS_PASSWORD_FILE), or in this URL given
-    /// through its environment variable, never as a flag.
+    /// Redis URL (`redis+cluster://host:port[,host:port...]` for a Redis
+    /// Cluster: consumer, latest, digest). A password goes in
+    /// CRYPTOPULSE_REDIS_PASSWORD (or a file named by
+    /// CRYPTOPULSE_REDIS_PASSWORD_FILE), or in this URL given through its
+    /// environment variable, never as a flag.
     #[arg(id = "redis_url", long = "redis-url", value_name = "URL", env = "CRYPTOPULSE_REDIS_URL", default_value = DEFAULT_REDIS_URL, hide_env_values = true)]
     pub url: String,
     /// Prefix of every key.
@@ -238,7 +240,7 @@ const FIELDS: usize = 11;
 
 /// The Redis side of the consumer.
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// Time of each pipelined write that Redis answered.
     write_seconds: metrics::Histogram,
     retries: metrics::Counter,
@@ -322,6 +324,12 @@ pub const LAYOUT: &str = "cryptopulse-v2";
 /// in CRYPTOPULSE_REDIS_CA_FILE; CRYPTOPULSE_REDIS_CERT_FILE and
 /// CRYPTOPULSE_REDIS_KEY_FILE give a client certificate.
 pub fn client(url: &str) -> Result<redis::Client> {
+    if url.starts_with(CLUSTER_SCHEME) {
+        return Err(Error::Config(format!(
+            "{} is a Redis Cluster's URL; this talks to one Redis: give it redis://HOST:PORT of a node",
+            secret::redact_url(url)
+        )));
+    }
     let mut info: redis::ConnectionInfo = url.parse().map_err(|e| Error::redis(format!("parse url {}", secret::redact_url(url)), e))?;
     if info.redis.password.is_none() {
         info.redis.password = secret::from_env(secret::REDIS_PASSWORD_ENV)?;
@@ -395,6 +403,163 @@ fn is_tls_failure(error: &redis::RedisError) -> bool {
     ["certificate", "tls", "handshake", "unknownissuer", "notvalidforname"].iter().any(|word| text.contains(word))
 }
 
+/// The scheme suffix that makes a URL a Redis Cluster's:
+/// `redis+cluster://host:port[,host:port...]`, any node of it a seed.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// A connection to one Redis, or to a Redis Cluster (SPEC §6: a symbol's
+/// keys share its hash tag, so each symbol lives in one slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster { conn: redis::cluster_async::ClusterConnection, credentials: Credentials },
+}
+
+/// What a connection to one node of a cluster needs besides its address.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_command(cmd),
+            RedisConn::Cluster { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster { conn, .. } => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(conn) => conn.get_db(),
+            RedisConn::Cluster { conn, .. } => conn.get_db(),
+        }
+    }
+}
+
+impl RedisConn {
+    /// Every key matching `pattern`: SCAN on the one Redis, or on each
+    /// primary of the cluster (a cluster's SCAN sees one node).
+    pub async fn keys_matching(&mut self, pattern: &str) -> Result<Vec<String>> {
+        match self {
+            RedisConn::Single(conn) => scan(conn, pattern).await,
+            RedisConn::Cluster { conn, credentials } => {
+                let mut keys = Vec::new();
+                for (host, port) in primaries(conn).await? {
+                    let info = redis::ConnectionInfo {
+                        addr: redis::ConnectionAddr::Tcp(host, port),
+                        redis: redis::RedisConnectionInfo {
+                            username: credentials.username.clone(),
+                            password: credentials.password.clone(),
+                            ..Default::default()
+                        },
+                    };
+                    let client = redis::Client::open(info).map_err(|e| Error::redis("open a cluster node", e))?;
+                    let mut node =
+                        client.get_multiplexed_async_connection().await.map_err(|e| Error::redis("connect to a cluster node", e))?;
+                    keys.extend(scan(&mut node, pattern).await?);
+                }
+                Ok(keys)
+            }
+        }
+    }
+}
+
+async fn scan<C: redis::aio::ConnectionLike + Send + Sync>(conn: &mut C, pattern: &str) -> Result<Vec<String>> {
+    use redis::AsyncCommands;
+    let mut iter = conn.scan_match::<_, String>(pattern).await.map_err(|e| Error::redis("scan", e))?;
+    let mut keys = Vec::new();
+    while let Some(key) = futures::StreamExt::next(&mut iter).await {
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// The primaries of a cluster, from CLUSTER SLOTS.
+async fn primaries(conn: &mut redis::cluster_async::ClusterConnection) -> Result<Vec<(String, u16)>> {
+    let slots: Vec<redis::Value> =
+        redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await.map_err(|e| Error::redis("cluster slots", e))?;
+    let mut out = Vec::new();
+    for range in slots {
+        let redis::Value::Array(range) = range else { continue };
+        let Some(redis::Value::Array(node)) = range.get(2) else { continue };
+        let host = match node.first() {
+            Some(redis::Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(redis::Value::SimpleString(host)) => host.clone(),
+            _ => continue,
+        };
+        let Some(redis::Value::Int(port)) = node.get(1) else { continue };
+        if !out.contains(&(host.clone(), *port as u16)) {
+            out.push((host, *port as u16));
+        }
+    }
+    Ok(out)
+}
+
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// part between the first `{` and the next `}`, when not empty) or of the
+/// whole key, modulo 16384.
+pub fn slot_of(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// Connects to the Redis or the Redis Cluster of `url` (see [`CLUSTER_SCHEME`]).
+pub async fn connect_any(url: &str) -> Result<RedisConn> {
+    if url.starts_with("rediss+cluster://") {
+        return Err(Error::Config(format!(
+            "{}: TLS to a Redis Cluster is not supported yet; use redis+cluster:// on a trusted network, or one Redis over rediss://",
+            secret::redact_url(url)
+        )));
+    }
+    let Some(nodes) = url.strip_prefix(CLUSTER_SCHEME) else { return Ok(RedisConn::Single(connect(url).await?)) };
+    let (userinfo, nodes) = nodes.rsplit_once('@').map_or((None, nodes), |(user, nodes)| (Some(user), nodes));
+    let (username, url_password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
+        Some((user, password)) => ((!user.is_empty()).then(|| user.to_owned()), (!password.is_empty()).then(|| password.to_owned())),
+        None => (None, None),
+    };
+    let password = match url_password {
+        Some(password) => Some(password),
+        None => secret::from_env(secret::REDIS_PASSWORD_ENV)?,
+    };
+    let seeds: Vec<String> = nodes.trim_end_matches('/').split(',').map(|node| format!("redis://{node}")).collect();
+    let mut builder =
+        redis::cluster::ClusterClient::builder(seeds).connection_timeout(Duration::from_secs(5)).response_timeout(Duration::from_secs(10));
+    if let Some(username) = &username {
+        builder = builder.username(username.clone());
+    }
+    if let Some(password) = &password {
+        builder = builder.password(password.clone());
+    }
+    let shown = secret::redact_url(url);
+    let client = builder.build().map_err(|e| Error::Config(format!("redis cluster {shown}: {e}")))?;
+    let conn = client.get_async_connection().await.map_err(|e| Error::redis(format!("connect to the cluster {shown}"), e))?;
+    Ok(RedisConn::Cluster { conn, credentials: Credentials { username, password } })
+}
+
 /// Opens a connection manager that reconnects by itself and gives up on a
 /// single request after a while, so a paused Redis surfaces as an error.
 pub async fn connect(url: &str) -> Result<ConnectionManager> {
@@ -409,7 +574,7 @@ pub async fn connect(url: &str) -> Result<ConnectionManager> {
 
 impl RedisSink {
     pub async fn connect(url: &str, prefix: &str, names: MetricNames, retention_ms: i64, retry_for: Duration) -> Result<Self> {
-        let conn = connect(url).await?;
+        let conn = connect_any(url).await?;
         let write_seconds = metrics::histogram!(crate::telemetry::REDIS_WRITE_SECONDS);
         let (retries, errors) =
             (metrics::counter!(crate::telemetry::REDIS_WRITE_RETRIES), metrics::counter!(crate::telemetry::REDIS_WRITE_ERRORS));
@@ -449,9 +614,11 @@ impl RedisSink {
     pub async fn lost_of(&mut self, written: &[(&str, i64)]) -> Result<Vec<String>> {
         let groups: Vec<Group<'_>> = written.iter().map(|&(symbol, previous)| Group { symbol, previous, bars: Vec::new() }).collect();
         let mut lost = Vec::new();
-        for chunk in groups.chunks(CHECKS_PER_CALL) {
-            let pipe = calls(&self.script, &self.keys, &field_names(&self.names), self.retention_ms, chunk);
-            lost.extend(self.run(&pipe).await?);
+        for slot in self.by_slot(groups) {
+            for chunk in slot.chunks(CHECKS_PER_CALL) {
+                let pipe = calls(&self.script, &self.keys, &field_names(&self.names), self.retention_ms, chunk);
+                lost.extend(self.run(&pipe).await?);
+            }
         }
         Ok(lost)
     }
@@ -487,11 +654,50 @@ impl RedisSink {
         }
     }
 
-    /// One pipeline of script calls, each symbol's bars in order.
+    /// One pipeline of script calls, each symbol's bars in order; on a
+    /// cluster one per slot (a pipeline goes to one node), then the
+    /// symbols set.
     async fn write_once(&mut self, bars: &[FinalBar]) -> Result<()> {
-        let pipe = bars_pipeline(&self.script, &self.keys, &self.names, self.retention_ms, bars);
-        let lost = self.run(&pipe).await?;
+        if matches!(self.conn, RedisConn::Single(_)) {
+            let pipe = bars_pipeline(&self.script, &self.keys, &self.names, self.retention_ms, bars);
+            let lost = self.run(&pipe).await?;
+            return self.lost(lost);
+        }
+        let groups = by_symbol(bars);
+        let symbols: Vec<&str> = groups.iter().map(|g| g.symbol).collect();
+        let names = field_names(&self.names);
+        let pipes: Vec<redis::Pipeline> =
+            self.by_slot(groups).iter().map(|slot| calls(&self.script, &self.keys, &names, self.retention_ms, slot)).collect();
+        let mut lost = Vec::new();
+        for pipe in &pipes {
+            lost.extend(self.run(pipe).await?);
+        }
+        for chunk in symbols.chunks(BARS_PER_CALL) {
+            redis::cmd("SADD")
+                .arg(self.keys.symbols())
+                .arg(chunk)
+                .query_async::<()>(&mut self.conn)
+                .await
+                .map_err(|e| Error::redis("add symbols", e))?;
+        }
         self.lost(lost)
+    }
+
+    /// `groups` as one run (one Redis), or split by their symbols' slots
+    /// (a cluster), each in its first order.
+    fn by_slot<'a>(&self, groups: Vec<Group<'a>>) -> Vec<Vec<Group<'a>>> {
+        if matches!(self.conn, RedisConn::Single(_)) {
+            return vec![groups];
+        }
+        let mut slots: Vec<(u16, Vec<Group<'a>>)> = Vec::new();
+        for group in groups {
+            let slot = slot_of(self.keys.latest(group.symbol).as_bytes());
+            match slots.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, groups)) => groups.push(group),
+                None => slots.push((slot, vec![group])),
+            }
+        }
+        slots.into_iter().map(|(_, groups)| groups).collect()
     }
 
     /// Sends a pipeline of script calls; the symbols that lost data.
@@ -690,4 +896,21 @@ fn write_field(bar: &FinalBar, field: usize, out: &mut String) -> bool {
         },
     };
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_those_redis_cluster_gives() {
+        // What CLUSTER KEYSLOT answers on redis-server 7.0.15.
+        for (key, slot) in [("foo", 12182), ("123456789", 12739), ("cryptopulse:latest:{BTCUSDT}", 8473), ("a{}b{c}", 7353)] {
+            assert_eq!(slot_of(key.as_bytes()), slot, "{key}");
+        }
+        // A hash tag decides, so a symbol's keys share a slot; an empty one does not.
+        assert_eq!(slot_of(b"x:bars:{BTCUSDT}"), slot_of(b"cryptopulse:ts:{BTCUSDT}:close"));
+        assert_eq!(slot_of(b"BTCUSDT"), 8473);
+        assert_ne!(slot_of(b"a{}b{c}"), slot_of(b"c"));
+    }
 }

@@ -22,8 +22,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Cli = cli::parse();
-    let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
-    let digest = digest::digest(&mut conn, &args.redis.prefix).await.context("digest")?;
+    let mut conn = sink::connect_any(&args.redis.url).await.context("connect to redis")?;
+    let digest = digest::digest_any(&mut conn, &args.redis.prefix).await.context("digest")?;
     if args.dump {
         print!("{}", digest.dump);
     }

@@ -27,7 +27,7 @@ const COLUMNS: [&str; 12] =
 async fn main() -> anyhow::Result<()> {
     let args: Cli = cli::parse();
     let keys = Keys { prefix: args.redis.prefix.clone() };
-    let mut conn = sink::connect(&args.redis.url).await.context("connect to redis")?;
+    let mut conn = sink::connect_any(&args.redis.url).await.context("connect to redis")?;
     let mut symbols: Vec<String> = conn.smembers(keys.symbols()).await.context("read symbols")?;
     symbols.sort();
     let mut rows = vec![std::iter::once("symbol".to_owned()).chain(COLUMNS.iter().map(|c| c.to_string())).collect::<Vec<_>>()];

@@ -8,6 +8,7 @@ use redis::AsyncCommands;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
+use crate::sink::RedisConn;
 
 /// The canonical dump and its SHA-256 in hex.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,15 +23,12 @@ pub struct Digest {
 /// (hash fields and set members sorted, sorted sets and streams in order).
 /// Strings are JSON-quoted so any byte sequence has one spelling.
 pub async fn digest(conn: &mut ConnectionManager, prefix: &str) -> Result<Digest> {
-    let pattern = format!("{}:*", glob_escape(prefix));
-    let mut keys: Vec<String> = {
-        let mut iter = conn.scan_match::<_, String>(&pattern).await.map_err(|e| Error::redis("scan", e))?;
-        let mut keys = Vec::new();
-        while let Some(key) = futures::StreamExt::next(&mut iter).await {
-            keys.push(key);
-        }
-        keys
-    };
+    digest_any(&mut RedisConn::Single(conn.clone()), prefix).await
+}
+
+/// [`digest`] of one Redis or of a Redis Cluster (every primary scanned).
+pub async fn digest_any(conn: &mut RedisConn, prefix: &str) -> Result<Digest> {
+    let mut keys = conn.keys_matching(&format!("{}:*", glob_escape(prefix))).await?;
     keys.sort();
     keys.dedup();
     let mut dump = String::new();
@@ -41,7 +39,7 @@ pub async fn digest(conn: &mut ConnectionManager, prefix: &str) -> Result<Digest
     Ok(Digest { dump, sha256, keys: keys.len() })
 }
 
-async fn dump_key(conn: &mut ConnectionManager, key: &str, name: &str, out: &mut String) -> redis::RedisResult<()> {
+async fn dump_key(conn: &mut RedisConn, key: &str, name: &str, out: &mut String) -> redis::RedisResult<()> {
     let kind: String = redis::cmd("TYPE").arg(key).query_async(conn).await?;
     out.push_str(&format!("{kind} {}\n", quote(name)));
     let lines: Vec<String> = match kind.as_str() {

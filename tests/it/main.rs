@@ -8,6 +8,7 @@
 //!   fixtures' facts, and a real Prometheus (`common::prometheus`)
 //! - `fake_binance`: a local Binance, WebSocket and REST, replaying the fixtures
 //! - `bench`: the benchmark tool end to end on a tiny input
+//! - `cluster`: the consumer, `latest` and `digest` against a Redis Cluster (scripts/redis-cluster)
 //! - `compose`: docker-compose.yml and the Prometheus config, checked statically
 //! - `crash`: the consumer SIGKILLed and aborted at every crash point
 //! - `dashboard`: the Grafana dashboards' queries against what the pipeline wrote
@@ -30,6 +31,7 @@ mod common;
 mod fake_binance;
 
 mod bench;
+mod cluster;
 mod compose;
 mod crash;
 mod dashboard;
