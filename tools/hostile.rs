@@ -7,10 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use cryptopulse::cli;
 use cryptopulse::kafka::KafkaArgs;
 use cryptopulse::sink::RedisArgs;
 use cryptopulse::tooling::hostile::{self, HostileConfig};
+use cryptopulse::{cli, tooling};
 
 const DEFAULT_INPUT: &str = "fixtures/binance-spot-trades-2024-08-08.parquet";
 
@@ -54,19 +54,11 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args: Cli = cli::parse();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).context("clock before 1970")?;
-    let seed = args.seed.unwrap_or(now.as_nanos() as u64);
-    let run = format!("hostile-{seed}-{}", now.as_secs());
+    let (seed, run) = tooling::own_run("hostile", args.seed, &mut args.kafka, &mut args.redis)?;
     if !args.json {
         println!("seed {seed}, run {run}");
     }
-    args.kafka.topic = format!("{}.{run}", args.kafka.topic);
-    args.kafka.dlq_topic = format!("{}.{run}", args.kafka.dlq_topic);
-    args.redis.target.prefix = format!("{}.{run}", args.redis.target.prefix);
-    let consumer_bin = match args.consumer_bin {
-        Some(path) => path,
-        None => std::env::current_exe().context("locate this program")?.with_file_name("consumer"),
-    };
+    let consumer_bin = tooling::consumer_bin(args.consumer_bin).context("locate this program")?;
     let config = HostileConfig {
         kafka: args.kafka,
         redis: args.redis,
