@@ -13,13 +13,14 @@
 //! hold restores (which read committed records only) for long.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::checkpoint::{Encoded, Identity, PartitionCheckpoint, FORMAT_VERSION};
@@ -52,7 +53,9 @@ pub enum Published {
 
 /// The transactional producer of a group member.
 pub struct Changelog {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    /// Replaced when the broker fenced it (see [`publish`](Self::publish)).
+    producer: Mutex<ThreadedProducer<DefaultProducerContext>>,
+    settings: ClientConfig,
     topic: String,
     identity: String,
 }
@@ -62,22 +65,25 @@ impl Changelog {
     /// producer of the same member.
     pub fn open(kafka: &KafkaArgs, group_id: &str, member: &str, identity: &Identity) -> Result<Self> {
         let max = CHANGELOG_MAX_BYTES.to_string();
-        let producer: ThreadedProducer<DefaultProducerContext> = kafka
-            .config_with(&[
-                ("compression.type", "zstd"),
-                ("linger.ms", "0"),
-                ("message.max.bytes", &max),
-                ("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS),
-            ])?
-            .set("transactional.id", member)
-            .create()
-            .map_err(|e| Error::kafka("changelog producer", e))?;
-        producer.init_transactions(STEP_TIMEOUT).map_err(|e| Error::kafka("changelog: init transactions", e))?;
-        Ok(Changelog { producer, topic: topic_of(group_id), identity: identity.encode() })
+        let mut settings = kafka.config_with(&[
+            ("compression.type", "zstd"),
+            ("linger.ms", "0"),
+            ("message.max.bytes", &max),
+            ("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS),
+        ])?;
+        settings.set("transactional.id", member);
+        let producer = Mutex::new(start(&settings)?);
+        Ok(Changelog { producer, settings, topic: topic_of(group_id), identity: identity.encode() })
     }
 
     /// Publishes `partitions`' snapshots and commits `offsets` (of
     /// `source_topic`) to the group, in one transaction. Blocking.
+    ///
+    /// Refused because the group moved on (a rebalance not served yet, or
+    /// this member was fenced): aborted, and [`Published::Fenced`]. A
+    /// producer the broker fenced for good (its transaction timed out, e.g.
+    /// while this process was paused) is replaced by a new one of the same
+    /// transactional id, also [`Published::Fenced`].
     pub fn publish(
         &self,
         partitions: &[Encoded],
@@ -85,12 +91,18 @@ impl Changelog {
         offsets: &BTreeMap<i32, i64>,
         group: &ConsumerGroupMetadata,
     ) -> Result<Published> {
-        self.producer.begin_transaction().map_err(|e| Error::kafka("changelog: begin transaction", e))?;
-        match self.fill_and_commit(partitions, source_topic, offsets, group) {
+        let mut producer = self.producer.lock().unwrap_or_else(|e| e.into_inner());
+        let done = producer.begin_transaction().and_then(|()| self.fill_and_commit(&producer, partitions, source_topic, offsets, group));
+        match done {
             Ok(()) => Ok(Published::Committed),
             Err(e) if requires_abort(&e) => {
                 warn!(error = %e, "changelog transaction refused: this member is not the partitions' owner in the group's current generation; aborted");
-                self.producer.abort_transaction(STEP_TIMEOUT).map_err(|e| Error::kafka("changelog: abort transaction", e))?;
+                producer.abort_transaction(STEP_TIMEOUT).map_err(|e| Error::kafka("changelog: abort transaction", e))?;
+                Ok(Published::Fenced)
+            }
+            Err(e) if is_fatal(&e) => {
+                warn!(error = %e, "changelog producer fenced by the broker (its transaction timed out: was this process paused?); starting a new one, nothing of this transaction was published");
+                *producer = start(&self.settings)?;
                 Ok(Published::Fenced)
             }
             Err(e) => Err(Error::kafka("changelog transaction", e)),
@@ -99,6 +111,7 @@ impl Changelog {
 
     fn fill_and_commit(
         &self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
         partitions: &[Encoded],
         source_topic: &str,
         offsets: &BTreeMap<i32, i64>,
@@ -119,14 +132,30 @@ impl Changelog {
                 .insert(Header { key: FORMAT_HEADER, value: Some(&format) })
                 .insert(Header { key: IDENTITY_HEADER, value: Some(&self.identity) });
             let record = BaseRecord::to(&self.topic).partition(encoded.partition).key(&key).payload(encoded.bytes()).headers(headers);
-            self.producer.send(record).map_err(|(e, _)| e)?;
+            producer.send(record).map_err(|(e, _)| e)?;
         }
         let mut list = TopicPartitionList::new();
         for (partition, offset) in offsets {
             list.add_partition_offset(source_topic, *partition, Offset::Offset(*offset))?;
         }
-        self.producer.send_offsets_to_transaction(&list, group, STEP_TIMEOUT)?;
-        self.producer.commit_transaction(STEP_TIMEOUT)
+        producer.send_offsets_to_transaction(&list, group, STEP_TIMEOUT)?;
+        producer.commit_transaction(STEP_TIMEOUT)
+    }
+}
+
+/// A transactional producer of `settings`, its transactions initialised
+/// (which fences an earlier producer of its id).
+fn start(settings: &ClientConfig) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    let producer: ThreadedProducer<DefaultProducerContext> = settings.create().map_err(|e| Error::kafka("changelog producer", e))?;
+    producer.init_transactions(STEP_TIMEOUT).map_err(|e| Error::kafka("changelog: init transactions", e))?;
+    Ok(producer)
+}
+
+/// An error after which the producer is of no more use.
+fn is_fatal(error: &KafkaError) -> bool {
+    match error {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        other => other.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Fatal),
     }
 }
 

@@ -37,6 +37,7 @@ use crate::telemetry::{ConsumerMetrics, Heartbeat};
 use crate::window::{Counts, SymbolLimits, WindowConfig};
 use changelog::Changelog;
 use event_loop::Loop;
+pub use group::RESTORED_LOG;
 use source::SourceOptions;
 pub use source::{source_client_config, ASSIGNED_LOG};
 use writer::Writer;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use cryptopulse::consumer::ASSIGNED_LOG;
 use cryptopulse::replay::{self, ReplayOptions, Speed};
+use cryptopulse::sink;
 use cryptopulse::synth::{self, SynthConfig};
+use cryptopulse::tooling::digest;
 
 use crate::common::{fixture, Lane};
 
@@ -26,6 +28,7 @@ impl Member {
     fn start(lane: &Lane, group: &str, state: &Path, log: PathBuf) -> Member {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_consumer"))
+            .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
             .args(["--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic, "--group-id", group])
             .args(["--redis-prefix", &lane.redis.target.prefix, "--checkpoint-ms", "200"])
             .arg("--state-dir")
@@ -124,18 +127,26 @@ async fn bad_records(lane: &Lane) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
+/// Three members on `redis_url` over a 12-partition topic of 60 symbols
+/// with bad records in it, started before the trades come, run until
+/// Kafka's own tool shows lag 0 everywhere: they must own the partitions
+/// between them and leave the bars and dead letters of one consumer alone
+/// (on the standalone Redis).
+async fn three_members_leave_one_consumers_bars(test: &str, redis_url: Option<String>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = many_symbols(dir.path());
-    let mut lane = Lane::new("group-three");
+    let mut lane = Lane::new(test);
     lane.kafka.partitions = PARTITIONS;
     lane.kafka.ensure_topics().await.expect("topics");
+    let mut members_lane = lane.clone();
+    if let Some(url) = redis_url {
+        members_lane.redis.target.url = url;
+    }
     let group = format!("{}-group", lane.name);
 
     // The members start on the empty topic and share it before any trade comes.
     let members: Vec<Member> = (0..3)
-        .map(|i| Member::start(&lane, &group, &dir.path().join(format!("state{i}")), dir.path().join(format!("member{i}.log"))))
+        .map(|i| Member::start(&members_lane, &group, &dir.path().join(format!("state{i}")), dir.path().join(format!("member{i}.log"))))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !members.iter().all(Member::has_partitions) {
@@ -146,7 +157,7 @@ async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
     replay_file(&lane, &archive).await;
 
     // Done when Kafka's own tool shows every partition at lag 0.
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let rows = loop {
         let rows = describe(&group, &lane.kafka.topic);
         if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0)) {
@@ -154,7 +165,7 @@ async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
         }
         if Instant::now() > deadline {
             let logs: Vec<String> = members.iter().map(Member::log).collect();
-            panic!("the group did not reach lag 0 within 120 s: {rows:?}\n{}", logs.join("\n----\n"));
+            panic!("the group did not reach lag 0 within 60 s: {rows:?}\n{}", logs.join("\n----\n"));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -163,7 +174,8 @@ async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
     assert_eq!(owners.len(), 3, "three members own the partitions: {rows:?}\n{}", logs.join("\n----\n"));
     assert!(!owners.contains("-"), "every partition has an owner: {rows:?}");
     assert_eq!(rows.iter().map(|r| r.partition).collect::<BTreeSet<_>>().len(), PARTITIONS as usize);
-    let group_digest = lane.digest().await;
+    let mut conn = sink::connect_any(&members_lane.redis.target.url).await.expect("redis");
+    let group_digest = digest::digest_any(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
 
     // One consumer alone, over the same topic.
     let mut single = lane.with_prefix("single");
@@ -184,6 +196,18 @@ async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
         let log = member.log();
         assert!(member.stop().success(), "a member failed:\n{log}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
+    three_members_leave_one_consumers_bars("group-three", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_writing_to_a_redis_cluster_leave_one_consumers_bars() {
+    let url = std::env::var("CRYPTOPULSE_REDIS_CLUSTER_URL")
+        .expect("CRYPTOPULSE_REDIS_CLUSTER_URL is not set: run the tests with scripts/test, which starts scripts/redis-cluster");
+    three_members_leave_one_consumers_bars("group-cluster", Some(url)).await;
 }
 
 /// The records of every partition of `lane`'s topic deleted, up to its end now.
@@ -227,4 +251,97 @@ async fn a_member_on_an_empty_state_dir_takes_over_from_the_changelog_alone() {
     assert_eq!(first.records + second.records, fixture::TRADES, "the second member read only the second half: {second:?}");
     let digest = lane.digest().await;
     assert_eq!((digest.keys, &digest.sha256), (reference.keys, &reference.sha256), "the taken-over bars differ from one undisturbed run");
+}
+
+/// Sends `signal` (`-KILL`, `-STOP`, ...) to a member.
+fn signal(member: &Member, signal: &str) {
+    Command::new("kill").args([signal, &member.child.id().to_string()]).status().expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_killed_added_restarted_and_paused_while_trades_stream_leave_one_consumers_bars() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = many_symbols(dir.path());
+    let mut lane = Lane::new("group-chaos");
+    lane.kafka.partitions = PARTITIONS;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let group = format!("{}-group", lane.name);
+    let state = |name: &str| dir.path().join(name);
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+
+    let a = Member::start(&lane, &group, &state("a"), log("a"));
+    let mut b = Member::start(&lane, &group, &state("b"), log("b"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.has_partitions() && b.has_partitions()) {
+        assert!(Instant::now() < deadline, "the two members were not given partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The fixtures' 346 s of trades at 15 times their pace: about 23 s.
+    let replay = {
+        let lane = lane.clone();
+        let options = ReplayOptions {
+            files: vec![archive.clone()],
+            speed: Speed::Factor(15.0),
+            symbols: None,
+            from_ms: None,
+            to_ms: None,
+            progress: false,
+        };
+        tokio::spawn(async move { replay::run(&lane.kafka, options).await.expect("replay") })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A machine gone: SIGKILL, no checkpoint, no goodbye to the group.
+    signal(&a, "-KILL");
+    drop(a);
+    // A member added on a fresh machine.
+    let c = Member::start(&lane, &group, &state("c"), log("c"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A member stopped and restarted on its state dir.
+    let status = b.stop();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    b = Member::start(&lane, &group, &state("b"), log("b-again"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A member paused past its session timeout (10 s on the local broker), then resumed.
+    signal(&c, "-STOP");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    signal(&c, "-CONT");
+    replay.await.expect("replay task");
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0) && r.member != "-") {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!("the group did not reach lag 0 within 90 s: {rows:?}\n{}\n----\n{}", b.log(), c.log());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let group_digest = lane.digest().await;
+
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(single.consumer_config(&state("single")), std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
+    assert_eq!(
+        (group_digest.keys, &group_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "members killed, added, restarted and paused left other bars than one consumer\n{}\n----\n{}",
+        b.log(),
+        c.log()
+    );
+
+    // The paused member learnt it was fenced, and the partitions of the
+    // killed one were taken over from the changelog.
+    let (c_log, logs) = (c.log(), [b.log(), c.log(), std::fs::read_to_string(log("b")).unwrap_or_default()].join("\n"));
+    assert!(c_log.contains("this member was fenced") || c_log.contains("changelog transaction refused"), "{c_log}");
+    assert!(logs.contains(cryptopulse::consumer::RESTORED_LOG), "no partition was restored from the changelog:\n{logs}");
+    for member in [b, c] {
+        let log = member.log();
+        assert!(member.stop().success(), "a member failed:\n{log}");
+    }
 }
