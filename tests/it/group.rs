@@ -345,3 +345,103 @@ async fn members_killed_added_restarted_and_paused_while_trades_stream_leave_one
         assert!(member.stop().success(), "a member failed:\n{log}");
     }
 }
+
+/// A redis-server of this test's own, so pausing it stops no other test.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("port").port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services)");
+        let started = Instant::now();
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnRedis { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_paused_for_3_s_during_a_rebalance_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = many_symbols(dir.path());
+    let redis = OwnRedis::start();
+    let mut lane = Lane::new("group-redis-pause");
+    lane.kafka.partitions = PARTITIONS;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let mut members_lane = lane.clone();
+    members_lane.redis.target.url = redis.url.clone();
+    let group = format!("{}-group", lane.name);
+    let start = |name: &str| Member::start(&members_lane, &group, &dir.path().join(name), dir.path().join(format!("{name}.log")));
+
+    let (a, b) = (start("a"), start("b"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.has_partitions() && b.has_partitions()) {
+        assert!(Instant::now() < deadline, "the two members were not given partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replay = {
+        let lane = lane.clone();
+        let options = ReplayOptions {
+            files: vec![archive.clone()],
+            speed: Speed::Factor(20.0),
+            symbols: None,
+            from_ms: None,
+            to_ms: None,
+            progress: false,
+        };
+        tokio::spawn(async move { replay::run(&lane.kafka, options).await.expect("replay") })
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Redis stops answering for 3 s, and a member joins: the partitions
+    // it takes must be written and checkpointed by their owners first,
+    // which waits for Redis.
+    let mut conn = sink::connect(&redis.url).await.expect("redis");
+    redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async::<()>(&mut conn).await.expect("client pause");
+    let c = start("c");
+    replay.await.expect("replay task");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0) && r.member != "-") {
+            let owners: BTreeSet<&str> = rows.iter().map(|r| r.member.as_str()).collect();
+            assert_eq!(owners.len(), 3, "the member that joined during the pause owns partitions: {rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group did not reach lag 0 within 60 s: {rows:?}\n{}", c.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let paused_digest = digest::digest(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
+
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(single.consumer_config(&dir.path().join("single")), std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
+    assert_eq!(
+        (paused_digest.keys, &paused_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "Redis paused during a rebalance changed the bars"
+    );
+    for member in [a, b, c] {
+        let log = member.log();
+        assert!(member.stop().success(), "a member failed:\n{log}");
+    }
+}
