@@ -36,7 +36,6 @@ mod compose;
 mod crash;
 mod dashboard;
 mod doctor;
-mod group;
 mod hostile;
 mod live;
 mod metrics;
