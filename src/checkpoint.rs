@@ -18,6 +18,7 @@ const CF_PARTITIONS: &str = "partitions";
 const KEY_FORMAT: &[u8] = b"format_version";
 const KEY_TOPIC: &[u8] = b"topic";
 const KEY_IDENTITY: &[u8] = b"identity";
+const KEY_MEMBER: &[u8] = b"member";
 
 /// Memtable size of a column family. Every checkpoint rewrites the state
 /// of its partitions, so a memtable fills with versions of the same keys:
@@ -53,6 +54,11 @@ impl PartitionCheckpoint {
             .map_err(|e| Error::Invariant(format!("partition {partition}: state not serializable: {e}")))?;
         Ok(Encoded { partition, next_offset: self.next_offset, bytes })
     }
+
+    /// What [`encode`](Self::encode) made, read back.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        postcard::from_bytes(bytes).ok()
+    }
 }
 
 /// One partition's checkpoint as it is stored.
@@ -67,6 +73,11 @@ impl Encoded {
     /// Serialized size in bytes.
     pub fn size(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The serialized checkpoint.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -94,7 +105,7 @@ impl Identity {
         ]
     }
 
-    fn encode(&self) -> String {
+    pub fn encode(&self) -> String {
         self.fields().iter().map(|(name, value)| format!("{name}={value}\n")).collect()
     }
 
@@ -207,6 +218,30 @@ impl CheckpointStore {
         Ok(out)
     }
 
+    /// One partition's checkpoint, if it has one.
+    pub fn load_partition(&self, partition: i32) -> Result<Option<PartitionCheckpoint>> {
+        let value = self.db.get_cf(self.cf(CF_PARTITIONS)?, partition.to_be_bytes()).map_err(|e| self.err(e))?;
+        value.map(|v| postcard::from_bytes(&v).map_err(|_| self.corrupt("partition state"))).transpose()
+    }
+
+    /// The name this store's consumer goes by in its group, made once and
+    /// kept: the same state dir is the same member (Kafka's static
+    /// membership, `group.instance.id`), so a restart takes over its own
+    /// partitions at once, and another state dir is another member.
+    pub fn member_id(&self) -> Result<String> {
+        let meta = self.cf(CF_META)?;
+        if let Some(stored) = self.db.get_cf(meta, KEY_MEMBER).map_err(|e| self.err(e))? {
+            return String::from_utf8(stored).map_err(|_| self.corrupt("member id"));
+        }
+        use std::hash::BuildHasher;
+        let seed = (std::time::SystemTime::now(), std::process::id(), &self.path);
+        let made = format!("cryptopulse-{:016x}", std::collections::hash_map::RandomState::new().hash_one(seed));
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, KEY_MEMBER, made.as_bytes());
+        self.write(batch)?;
+        Ok(made)
+    }
+
     /// Writes the given partitions' state and offsets in one synced batch.
     /// Blocking: call it off the async runtime.
     pub fn save<'a>(&self, partitions: impl IntoIterator<Item = (i32, &'a PartitionCheckpoint)>) -> Result<()> {
@@ -268,10 +303,16 @@ mod tests {
         checkpoint.state.counts.applied = 7;
         store.save([(3, &checkpoint), (0, &PartitionCheckpoint::default())]).unwrap();
         assert_eq!(store.load().unwrap(), vec![(0, PartitionCheckpoint::default()), (3, checkpoint.clone())]);
+        assert_eq!(store.load_partition(3).unwrap(), Some(checkpoint.clone()));
+        assert_eq!(store.load_partition(5).unwrap(), None);
+        let member = store.member_id().unwrap();
+        assert!(member.starts_with("cryptopulse-") && member.len() > 20, "{member}");
 
         let second = CheckpointStore::open(dir.path(), "trades.raw").err().unwrap();
         assert!(second.to_string().contains("in use by another consumer"), "{second}");
         drop(store);
+        // The same state dir is the same group member after a restart.
+        assert_eq!(CheckpointStore::open(dir.path(), "trades.raw").unwrap().member_id().unwrap(), member);
 
         let other_topic = CheckpointStore::open(dir.path(), "other").err().unwrap();
         assert!(other_topic.to_string().contains("not \"other\""), "{other_topic}");

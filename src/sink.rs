@@ -594,17 +594,21 @@ impl RedisSink {
         })
     }
 
-    /// Checks that Redis still holds every symbol's bars up to `written`
-    /// (symbol, end of its newest bar written before), as each write does
-    /// for its symbols: a symbol that went quiet is otherwise checked only
-    /// when it trades again. Names the layout under the prefix.
-    pub async fn check(&mut self, written: &[(&str, i64)]) -> Result<()> {
+    /// Names the layout of the keys under the prefix.
+    pub async fn set_layout(&mut self) -> Result<()> {
         redis::cmd("SET")
             .arg(self.keys.layout())
             .arg(LAYOUT)
             .query_async::<()>(&mut self.conn)
             .await
-            .map_err(|e| Error::redis("set layout", e))?;
+            .map_err(|e| Error::redis("set layout", e))
+    }
+
+    /// Checks that Redis still holds every symbol's bars up to `written`
+    /// (symbol, end of its newest bar written before), as each write does
+    /// for its symbols: a symbol that went quiet is otherwise checked only
+    /// when it trades again.
+    pub async fn check(&mut self, written: &[(&str, i64)]) -> Result<()> {
         let lost = self.lost_of(written).await?;
         self.lost(lost)
     }

@@ -107,6 +107,12 @@ pub const BAR_LATENCY_SECONDS: &str = "cryptopulse_bar_latency_seconds";
 /// Gauge: work items (bars or checkpoints) queued for the consumer's
 /// writer, at most its queue's length: near it, Redis or RocksDB is behind.
 pub const WRITER_QUEUE: &str = "cryptopulse_writer_queue";
+/// Partitions a group member took over from the changelog, its own state
+/// being older or absent (SPEC §8).
+pub const CHANGELOG_RESTORES: &str = "cryptopulse_changelog_restores_total";
+/// Changelog transactions refused because the group moved on without
+/// this member (it was fenced); nothing of them was published.
+pub const CHANGELOG_FENCED: &str = "cryptopulse_changelog_fenced_total";
 /// Records the broker refused for good (the process then stops), label
 /// `topic_kind`: `raw`, `dead_letter` or `gaps`.
 pub const KAFKA_DELIVERY_ERRORS: &str = "cryptopulse_kafka_delivery_errors_total";
@@ -130,7 +136,7 @@ pub const GAP_TRADES_UNFILLED: &str = "cryptopulse_gap_trades_unfilled_total";
 pub const PRODUCER_IN_FLIGHT: &str = "cryptopulse_producer_in_flight";
 
 /// Every name above: what the dashboard may query.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 26] = [
     CONSUMER_RECORDS,
     CONSUMER_TRADES_APPLIED,
     BARS_WRITTEN,
@@ -144,6 +150,8 @@ pub const ALL: [&str; 24] = [
     REDIS_WRITE_ERRORS,
     LAST_BAR_WRITTEN,
     WRITER_QUEUE,
+    CHANGELOG_RESTORES,
+    CHANGELOG_FENCED,
     KAFKA_DELIVERY_ERRORS,
     BUILD_INFO,
     TRADE_TO_REDIS_SECONDS,
@@ -210,6 +218,8 @@ fn describe() {
     describe_counter!(REDIS_WRITE_ERRORS, "Redis writes given up on");
     describe_gauge!(LAST_BAR_WRITTEN, Unit::Seconds, "Unix time at which Redis acknowledged the symbol's newest bar");
     describe_gauge!(WRITER_QUEUE, "Work items queued for the consumer's writer");
+    describe_counter!(CHANGELOG_RESTORES, "Partitions taken over from the changelog");
+    describe_counter!(CHANGELOG_FENCED, "Changelog transactions refused: the group moved on without this member");
     describe_counter!(KAFKA_DELIVERY_ERRORS, "Records the broker refused for good, by topic kind");
     describe_gauge!(BUILD_INFO, "Always 1: the service and version of the running build");
     describe_histogram!(TRADE_TO_REDIS_SECONDS, Unit::Seconds, "Redis ack wall time minus the bar's end (trade time)");

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use cryptopulse::cli;
 use cryptopulse::consumer::DEFAULT_STATE_DIR;
-use cryptopulse::consumer::{self, ConsumerConfig};
+use cryptopulse::consumer::{self, Assignment, ConsumerConfig};
 use cryptopulse::kafka::KafkaArgs;
 use cryptopulse::sink::RedisArgs;
 use cryptopulse::telemetry::MetricsArgs;
@@ -29,10 +29,17 @@ struct Cli {
     /// Directory of the RocksDB checkpoint store; one consumer each.
     #[arg(long, env = "CRYPTOPULSE_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// Consumer group offsets are committed to, for lag tools only.
+    /// Consumer group: consumers with the same group id share the topic's
+    /// partitions, each partition's state following it (one --state-dir
+    /// each); the checkpointed offsets are committed to it.
     #[arg(long, env = "CRYPTOPULSE_GROUP_ID", default_value = "cryptopulse-consumer")]
     group_id: String,
-    /// Stop once everything that was in the partitions at start is processed.
+    /// Read these partitions whatever the group does: `all`, or a list
+    /// such as 0,3,5 (static assignment). Without it the group assigns them.
+    #[arg(long, env = "CRYPTOPULSE_ASSIGN", value_parser = Assignment::parse)]
+    assign: Option<Assignment>,
+    /// Stop once everything that was in the partitions at start is
+    /// processed (in a group: committed, by this member or others).
     #[arg(long, env = "CRYPTOPULSE_EXIT_AT_END")]
     exit_at_end: bool,
     /// Checkpoint at least this often while there is new data, in ms.
@@ -81,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: args.state_dir,
         window: args.window.config(),
         group_id: args.group_id,
+        assignment: args.assign.unwrap_or(Assignment::Group),
         exit_at_end: args.exit_at_end,
         checkpoint_interval: Duration::from_millis(args.checkpoint_ms),
         checkpoint_records: args.checkpoint_records,

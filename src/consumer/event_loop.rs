@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
 
+use super::group::Change;
 use super::source::{PartitionBatch, SourceEvent};
-use super::writer::{Work, Writer};
+use super::writer::{Handover, Work, Writer};
 use super::{ConsumerConfig, Summary};
 use crate::checkpoint::PartitionCheckpoint;
 use crate::crash_point::CrashPoint;
@@ -56,6 +57,9 @@ impl Loop {
                 error = self.writer.stopped() => return Err(error),
                 event = rx.recv() => match event {
                     Some(SourceEvent::Batch { batches, rejected, polled_at }) => self.on_batch(batches, rejected, polled_at).await?,
+                    Some(SourceEvent::Group(Change::Assigned(restored))) => self.on_assigned(restored).await?,
+                    Some(SourceEvent::Group(Change::Revoked { partitions, done })) => self.on_revoked(&partitions, done).await?,
+                    Some(SourceEvent::Group(Change::Lost(partitions))) => self.on_lost(&partitions).await?,
                     Some(SourceEvent::End) | None => break,
                 },
                 _ = tick.tick() => self.on_tick().await?,
@@ -65,15 +69,26 @@ impl Loop {
     }
 
     async fn on_batch(&mut self, batches: Vec<PartitionBatch>, rejected: Vec<DeadLetter>, polled_at: Instant) -> Result<()> {
+        let mut records = 0;
         for letter in &rejected {
-            self.partitions.entry(letter.partition).or_default().state.counts.rejected += 1;
+            // A record of a partition given up, or read before it was
+            // assigned again, is its owner's to take.
+            let Some(partition) = self.partitions.get_mut(&letter.partition).filter(|p| letter.offset >= p.next_offset) else { continue };
+            partition.state.counts.rejected += 1;
+            records += 1;
             self.dead_letters.send(letter).await?;
             telemetry::dead_letter(letter.reason.as_str());
         }
         let mut bars = Vec::new();
-        let mut records = rejected.len() as u64;
         for batch in batches {
-            let partition = self.partitions.entry(batch.partition).or_default();
+            let Some(partition) = self.partitions.get_mut(&batch.partition).filter(|p| batch.next_offset > p.next_offset) else {
+                debug!(
+                    partition = batch.partition,
+                    "records of a partition this consumer does not own (any more), or read already, skipped"
+                );
+                continue;
+            };
+            let batch = batch.from_offset(partition.next_offset);
             let before = partition.state.counts.clone();
             let output = partition.state.apply_within(&batch.trades, &self.config.window, &self.symbol_limits)?;
             count_applied(&self.metrics, &before, &partition.state.counts);
@@ -103,9 +118,51 @@ impl Loop {
             self.writer.send(Work::Bars { bars, polled_at, read: self.summary.records }).await?;
         }
         if self.since_checkpoint >= self.config.checkpoint_records {
-            self.checkpoint(false).await?;
+            self.checkpoint(false, None).await?;
         }
         Ok(())
+    }
+
+    /// Partitions the group gave this consumer, at their checkpoints: their
+    /// symbols' bars are checked in Redis first, and their offsets are
+    /// committed with the next checkpoint.
+    async fn on_assigned(&mut self, restored: Vec<(i32, PartitionCheckpoint)>) -> Result<()> {
+        let written: Vec<(String, i64)> = restored
+            .iter()
+            .flat_map(|(_, c)| &c.state.symbols)
+            .filter_map(|(symbol, state)| Some((symbol.clone(), state.last_final_end(&self.config.window)?)))
+            .collect();
+        for (partition, checkpoint) in restored {
+            self.dirty.insert(partition);
+            self.partitions.insert(partition, checkpoint);
+        }
+        if !written.is_empty() {
+            self.writer.send(Work::Check { written }).await?;
+        }
+        Ok(())
+    }
+
+    /// Partitions the group takes away: their bars and checkpoint are
+    /// written before `done` lets them go.
+    async fn on_revoked(&mut self, partitions: &[i32], done: oneshot::Sender<()>) -> Result<()> {
+        self.checkpoint(false, Some(Handover { partitions: partitions.to_vec(), lost: false, done: Some(done) })).await?;
+        self.forget(partitions);
+        Ok(())
+    }
+
+    /// Partitions another member owns already: dropped without a checkpoint.
+    async fn on_lost(&mut self, partitions: &[i32]) -> Result<()> {
+        self.forget(partitions);
+        self.writer.send(Work::Release(Handover { partitions: partitions.to_vec(), lost: true, done: None })).await
+    }
+
+    fn forget(&mut self, partitions: &[i32]) {
+        for partition in partitions {
+            self.partitions.remove(partition);
+            self.dirty.remove(partition);
+            self.encoded_size.remove(partition);
+            self.full.remove(partition);
+        }
     }
 
     async fn on_tick(&mut self) -> Result<()> {
@@ -125,7 +182,7 @@ impl Loop {
             }
         }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
-            self.checkpoint(false).await?;
+            self.checkpoint(false, None).await?;
         }
         if self.heartbeat.is_due() {
             self.beat();
@@ -146,9 +203,9 @@ impl Loop {
 
     /// Dead letters acknowledged, then the changed partitions' state and
     /// offsets handed to the writer, which saves them after the bars before.
-    async fn checkpoint(&mut self, last: bool) -> Result<()> {
+    async fn checkpoint(&mut self, last: bool, handover: Option<Handover>) -> Result<()> {
         self.dead_letters.flush().await?;
-        if self.dirty.is_empty() && !last {
+        if self.dirty.is_empty() && !last && handover.is_none() {
             return Ok(());
         }
         let mut partitions = Vec::with_capacity(self.dirty.len());
@@ -158,7 +215,7 @@ impl Loop {
             self.encoded_size.insert(*partition, encoded.size());
             partitions.push(encoded);
         }
-        self.writer.send(Work::Checkpoint { partitions, last, read: self.summary.records }).await?;
+        self.writer.send(Work::Checkpoint { partitions, last, read: self.summary.records, handover }).await?;
         self.dirty.clear();
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
@@ -167,7 +224,7 @@ impl Loop {
 
     /// The last checkpoint; `run_once` then waits for the writer.
     async fn shutdown(&mut self) -> Result<()> {
-        self.checkpoint(true).await?;
+        self.checkpoint(true, None).await?;
         self.summary.dead_letters = self.dead_letters.sent();
         Ok(())
     }

@@ -6,10 +6,14 @@
 //! | piece | file |
 //! |---|---|
 //! | client, assignment, the thread that fetches and decodes | [`source`] |
+//! | group membership: partitions restored on assignment, checkpointed on revocation | `group` |
+//! | a group's state in Kafka: snapshots and offsets in one transaction, restores | `changelog` |
 //! | the loop: batches, ticks, checkpoints, shutdown | [`event_loop`] |
 //! | Redis writes and checkpoints, in order, beside the loop | [`writer`] |
 
+mod changelog;
 mod event_loop;
+mod group;
 pub mod source;
 mod writer;
 
@@ -31,7 +35,9 @@ use crate::kafka::{self, DeadLetters, KafkaArgs, REQUEST_TIMEOUT};
 use crate::sink::{RedisArgs, RedisSink};
 use crate::telemetry::{ConsumerMetrics, Heartbeat};
 use crate::window::{Counts, SymbolLimits, WindowConfig};
+use changelog::Changelog;
 use event_loop::Loop;
+pub use group::RESTORED_LOG;
 use source::SourceOptions;
 pub use source::{source_client_config, ASSIGNED_LOG};
 use writer::Writer;
@@ -46,8 +52,11 @@ pub struct ConsumerConfig {
     pub redis: RedisArgs,
     pub state_dir: PathBuf,
     pub window: WindowConfig,
-    /// Consumer group the offsets are committed to, for lag monitoring only.
+    /// Consumer group: the members share its partitions, and the
+    /// checkpointed offsets are committed to it.
     pub group_id: String,
+    /// Which partitions this consumer reads.
+    pub assignment: Assignment,
     /// Stop once every partition is read to where it ended at start.
     pub exit_at_end: bool,
     pub checkpoint_interval: Duration,
@@ -65,6 +74,31 @@ pub struct ConsumerConfig {
     /// How often a live run logs its heartbeat line; never when absent
     /// and with `exit_at_end`.
     pub heartbeat: Option<Duration>,
+}
+
+/// Which partitions a consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Those Kafka's consumer-group protocol gives it among the members of
+    /// its group, changing as members come and go (SPEC §8).
+    Group,
+    /// These partitions (all of the topic's when `None`), whatever other
+    /// consumers do.
+    Static(Option<BTreeSet<i32>>),
+}
+
+impl Assignment {
+    /// `all` or a comma-separated list of partition numbers.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        if text.trim() == "all" {
+            return Ok(Assignment::Static(None));
+        }
+        let partitions = text
+            .split(',')
+            .map(|p| p.trim().parse::<i32>().ok().filter(|p| *p >= 0).ok_or_else(|| format!("{p:?} is not a partition number")))
+            .collect::<std::result::Result<BTreeSet<i32>, String>>()?;
+        Ok(Assignment::Static(Some(partitions)))
+    }
 }
 
 /// What a run did.
@@ -126,24 +160,60 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
         tokio::task::spawn_blocking(move || kafka.check_group(&group))
     };
     let store = Arc::new(open_store(&config).await?);
-    let consumer = Arc::new(source::create_consumer(&config)?);
+    let member = match config.assignment {
+        Assignment::Group => Some(store.member_id()?),
+        Assignment::Static(_) => None,
+    };
+    let consumer = Arc::new(source::create_consumer(&config, member.as_deref())?);
     let partition_ids = kafka::partitions_of(consumer.as_ref(), &config.kafka.topic)?;
     store.check_identity(&identity(&config, partition_ids.len()))?;
-    let partitions: BTreeMap<i32, PartitionCheckpoint> = store.load()?.into_iter().collect();
-    let (positions, end_offsets, mut fetch) = source::assign(&consumer, &config, &partitions, &partition_ids)?;
-    let mut sink = connect_sink(&config).await?;
-    sink.check(&written(partitions.values(), &config.window)).await?;
+    let (tx, rx) = mpsc::channel(2);
+    let mut source_options = SourceOptions {
+        max_rows: config.max_batch_rows,
+        linger: config.linger,
+        end_offsets: None,
+        group_end: None,
+        future_tolerance: config.future_tolerance,
+    };
+    let mut changelog = None;
+    let (partitions, positions, mut fetch, mut sink) = match &config.assignment {
+        Assignment::Static(chosen) => {
+            let chosen = chosen_partitions(&config.kafka.topic, &partition_ids, chosen.as_ref())?;
+            let mut partitions: BTreeMap<i32, PartitionCheckpoint> =
+                store.load()?.into_iter().filter(|(p, _)| chosen.contains(p)).collect();
+            let (positions, end_offsets, fetch) = source::assign(&consumer, &config, &partitions, &chosen)?;
+            for (partition, start) in &positions {
+                partitions.entry(*partition).or_insert_with(|| PartitionCheckpoint { next_offset: *start, ..Default::default() });
+            }
+            let mut sink = connect_sink(&config).await?;
+            sink.check(&written(partitions.values(), &config.window)).await?;
+            source_options.end_offsets = config.exit_at_end.then_some(end_offsets);
+            (partitions, positions, fetch, sink)
+        }
+        Assignment::Group => {
+            if config.exit_at_end {
+                source_options.group_end = Some(source::end_offsets(&consumer, &config.kafka.topic, &partition_ids)?);
+            }
+            let changelog_topic = changelog::topic_of(&config.group_id);
+            config.kafka.ensure_compacted(&changelog_topic, partition_ids.len() as i32).await?;
+            let state_identity = identity(&config, partition_ids.len());
+            let (kafka, group, member, made_with) =
+                (config.kafka.clone(), config.group_id.clone(), member.clone().unwrap_or_default(), state_identity.clone());
+            changelog = Some(Arc::new(
+                tokio::task::spawn_blocking(move || Changelog::open(&kafka, &group, &member, &made_with))
+                    .await
+                    .map_err(|e| Error::join("changelog producer", e))??,
+            ));
+            let sink = connect_sink(&config).await?;
+            let fetch = source::subscribe(&consumer, &config, state_identity, store.clone(), &tx)?;
+            (BTreeMap::new(), Default::default(), fetch, sink)
+        }
+    };
+    sink.set_layout().await?;
     group_check.await.map_err(|e| Error::join("kafka group check", e))??;
     let dead_letters = DeadLetters::new(&config.kafka)?;
 
-    let (tx, rx) = mpsc::channel(2);
     let stop = kafka::stop_flag();
-    let source_options = SourceOptions {
-        max_rows: config.max_batch_rows,
-        linger: config.linger,
-        end_offsets: config.exit_at_end.then_some(end_offsets),
-        future_tolerance: config.future_tolerance,
-    };
     let source = {
         let stop = stop.clone();
         std::thread::Builder::new()
@@ -153,9 +223,10 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     };
 
     let committed = partitions.iter().map(|(p, c)| (*p, c.next_offset)).collect();
-    let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed);
+    let writer = Writer::spawn(sink, store, consumer.clone(), config.kafka.topic.clone(), committed, changelog);
     let symbol_limits = SymbolLimits { allow: config.symbols.clone(), max: config.max_symbols };
     let (exit_at_end, heartbeat) = (config.exit_at_end, config.heartbeat);
+    let grouped = config.assignment == Assignment::Group;
     let mut consumer_loop = Loop {
         config,
         writer,
@@ -184,12 +255,31 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
     summary.checkpoints = checkpoints?;
     info!(records = summary.records, checkpoints = summary.checkpoints, dead_letters = summary.dead_letters, "consumer stopped");
     // Every dead letter is acknowledged (the last checkpoint waited for them).
-    kafka::close_in_background((consumer, dead_letters));
+    if grouped {
+        // A member's close runs its last rebalance callback; one left to
+        // finish on its own thread was cut short by the process's exit.
+        tokio::task::spawn_blocking(move || drop((consumer, dead_letters))).await.map_err(|e| Error::join("kafka close", e))?;
+    } else {
+        kafka::close_in_background((consumer, dead_letters));
+    }
     summary.counts = partitions.values().fold(Counts::default(), |mut total, p| {
         total.add(&p.state.counts);
         total
     });
     Ok(summary)
+}
+
+/// The partitions `chosen` (all when `None`), each checked to exist.
+fn chosen_partitions(topic: &str, exist: &[i32], chosen: Option<&BTreeSet<i32>>) -> Result<Vec<i32>> {
+    let Some(chosen) = chosen else { return Ok(exist.to_vec()) };
+    if let Some(missing) = chosen.iter().find(|p| !exist.contains(p)) {
+        return Err(Error::Config(format!(
+            "--assign names partition {missing}, but topic {topic:?} has {} (0..{})",
+            exist.len(),
+            exist.len()
+        )));
+    }
+    Ok(chosen.iter().copied().collect())
 }
 
 /// Each symbol with a final bar in `partitions`, and the end of its newest.
@@ -210,7 +300,7 @@ fn written<'a>(partitions: impl IntoIterator<Item = &'a PartitionCheckpoint>, wi
 /// topic cannot be written again: that is logged as an error.
 async fn rewind(config: &ConsumerConfig, lost: &[String]) -> Result<()> {
     let store = Arc::new(open_store(config).await?);
-    let consumer = source::create_consumer(config)?;
+    let consumer = source::create_consumer(config, None)?;
     let topic = &config.kafka.topic;
     let loaded = {
         let store = store.clone();

@@ -5,20 +5,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arrow::array::{BinaryArray, BinaryBuilder, RecordBatch};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::group::{Change, Hooks};
 use super::ConsumerConfig;
 use crate::binance;
-use crate::checkpoint::PartitionCheckpoint;
+use crate::checkpoint::{CheckpointStore, Identity, PartitionCheckpoint};
 use crate::crash_point::CrashPoint;
 use crate::error::{Error, Result};
 use crate::kafka::fetch::{FetchQueue, Record};
@@ -40,6 +41,14 @@ const STATS_INTERVAL_MS: &str = "1000";
 pub struct SourceContext {
     /// The raw topic, whose partitions' lag is reported.
     pub topic: String,
+    /// A group member's rebalance callback (none for a static assignment).
+    group: OnceLock<Hooks>,
+}
+
+impl SourceContext {
+    pub fn new(topic: &str) -> Self {
+        SourceContext { topic: topic.to_owned(), group: OnceLock::new() }
+    }
 }
 
 impl rdkafka::ClientContext for SourceContext {
@@ -72,7 +81,15 @@ fn partition_lag(stats: &rdkafka::statistics::Partition) -> Option<i64> {
     Some((stats.hi_offset - next).max(0))
 }
 
-impl rdkafka::consumer::ConsumerContext for SourceContext {}
+impl rdkafka::consumer::ConsumerContext for SourceContext {
+    fn rebalance(&self, consumer: &SourceConsumer, event: RDKafkaRespErr, list: &mut TopicPartitionList) {
+        match self.group.get() {
+            Some(hooks) => hooks.rebalance(consumer, event, list),
+            // Only a subscribed consumer is rebalanced, and it has hooks.
+            None => warn!(?event, "rebalance of a consumer that is not a group member, ignored"),
+        }
+    }
+}
 
 /// The consumer the source polls.
 pub type SourceConsumer = BaseConsumer<SourceContext>;
@@ -80,13 +97,48 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 /// The queue the source fetches from.
 pub type SourceQueue = FetchQueue<SourceContext>;
 
-pub(super) fn create_consumer(config: &ConsumerConfig) -> Result<SourceConsumer> {
+/// The consumer's client; a group member (`member`: its
+/// `group.instance.id`) gets the group's settings under the user's.
+pub(super) fn create_consumer(config: &ConsumerConfig, member: Option<&str>) -> Result<SourceConsumer> {
     let mut client = source_client_config(&config.kafka, &config.group_id)?;
+    if let Some(member) = member {
+        match client.get("group.protocol") {
+            // The classic protocol, where a user's broker has no KIP-848:
+            // its cooperative assignor, a 10 s session and static
+            // membership (the same state dir is the same member).
+            Some("classic") => {
+                for (key, value) in super::group::CLASSIC_SETTINGS {
+                    if client.get(key).is_none() {
+                        client.set(key, value);
+                    }
+                }
+                if client.get("group.instance.id").is_none() {
+                    client.set("group.instance.id", member);
+                }
+            }
+            _ => {
+                client.set("group.protocol", "consumer");
+            }
+        }
+        // No end-of-partition events: a member's end is the group's
+        // committed offsets. librdkafka counts such an event as a record
+        // handed out, one past the partition's end; a partition restarted
+        // after a rebalance then resumed one record too far, and the record
+        // that came in the meantime at the old end was skipped (seen: a
+        // trade missing from its bar in the kill-and-pause test, and
+        // offsets past the end reset as out of range).
+        client.set("enable.partition.eof", "false");
+        // Should librdkafka still lose a position, it starts the partition
+        // over (and logs it); the loop drops what it read already (it
+        // knows each partition's next offset), so this costs reading only.
+        // A checkpoint behind the log start is refused at assignment.
+        client.set("auto.offset.reset", "earliest");
+    }
     if telemetry::is_installed() && client.get("statistics.interval.ms").is_none() {
         // The lag gauge comes from librdkafka's statistics (SourceContext::stats).
         client.set("statistics.interval.ms", STATS_INTERVAL_MS);
     }
-    client.create_with_context(SourceContext { topic: config.kafka.topic.clone() }).map_err(|e| Error::kafka("create consumer", e))
+    client.create_with_context(SourceContext::new(&config.kafka.topic)).map_err(|e| Error::kafka("create consumer", e))
 }
 
 /// The consumer's librdkafka settings: its defaults, the user's `-X` and
@@ -139,17 +191,7 @@ pub(super) fn assign(
     let (mut positions, mut ends) = (HashMap::new(), HashMap::new());
     for &partition in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
-        let start = match checkpoints.get(&partition) {
-            Some(c) if c.next_offset < low || c.next_offset > high => {
-                return Err(Error::Config(format!(
-                    "checkpointed offset {} of {topic}/{partition} is not on the broker (it holds {low}..{high}); \
-                     the records in between are lost to this consumer: restore the topic or start with a fresh --state-dir",
-                    c.next_offset
-                )));
-            }
-            Some(c) => c.next_offset,
-            None => low,
-        };
+        let start = super::group::start_offset(topic, partition, checkpoints.get(&partition), (low, high))?;
         list.add_partition_offset(topic, partition, Offset::Offset(start)).map_err(|e| Error::kafka("assign", e))?;
         positions.insert(partition, start);
         ends.insert(partition, high);
@@ -157,6 +199,51 @@ pub(super) fn assign(
     let fetch = FetchQueue::assign(consumer.clone(), &list)?;
     info!(%topic, partitions = positions.len(), "{ASSIGNED_LOG}");
     Ok((positions, ends, fetch))
+}
+
+/// Each partition's end (high watermark) now.
+pub(super) fn end_offsets(consumer: &SourceConsumer, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>> {
+    partitions
+        .iter()
+        .map(|&partition| {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT).map_err(|e| Error::kafka("fetch watermarks", e))?;
+            Ok((partition, high))
+        })
+        .collect()
+}
+
+/// Subscribes `consumer` to the topic as a member of its group: the
+/// rebalance callback ([`Hooks`]) assigns partitions as the group decides,
+/// each forwarded to the returned queue, and announces them on `events`.
+pub(super) fn subscribe(
+    consumer: &Arc<SourceConsumer>,
+    config: &ConsumerConfig,
+    identity: Identity,
+    store: Arc<CheckpointStore>,
+    events: &mpsc::Sender<SourceEvent>,
+) -> Result<SourceQueue> {
+    let fetch = FetchQueue::new(consumer.clone())?;
+    let topic = config.kafka.topic.as_str();
+    let hooks = Hooks {
+        topic: topic.to_owned(),
+        kafka: config.kafka.clone(),
+        group_id: config.group_id.clone(),
+        identity,
+        store,
+        forwarding: fetch.forwarding(),
+        send: {
+            let events = events.downgrade();
+            Box::new(move |change| events.upgrade().is_some_and(|tx| tx.blocking_send(SourceEvent::Group(change)).is_ok()))
+        },
+        failed: Mutex::new(None),
+    };
+    if consumer.context().group.set(hooks).is_err() {
+        return Err(Error::Invariant("a consumer subscribed twice".into()));
+    }
+    consumer.subscribe(&[topic]).map_err(|e| Error::kafka("subscribe", e))?;
+    info!(%topic, "joining the consumer group; partitions come as it assigns them");
+    Ok(fetch)
 }
 
 /// The trades of one partition read in one poll round, with where they came from.
@@ -173,6 +260,21 @@ pub struct PartitionBatch {
     pub next_offset: i64,
 }
 
+impl PartitionBatch {
+    /// The rows from offset `next` on: those before it were read already
+    /// (a group member's partition read again from an older position).
+    pub fn from_offset(mut self, next: i64) -> Self {
+        let skip = self.offsets.partition_point(|&offset| offset < next);
+        if skip > 0 {
+            let rows = self.offsets.len() - skip;
+            self.trades = self.trades.slice(skip, rows);
+            self.payloads = self.payloads.slice(skip, rows);
+            self.offsets.drain(..skip);
+        }
+        self
+    }
+}
+
 /// What the source thread hands to the consumer loop.
 pub enum SourceEvent {
     Batch {
@@ -184,6 +286,8 @@ pub enum SourceEvent {
     },
     /// Every partition reached the end it had when the consumer started.
     End,
+    /// A group member's partitions changed.
+    Group(Change),
 }
 
 /// How the source thread batches.
@@ -193,6 +297,9 @@ pub struct SourceOptions {
     pub linger: Duration,
     /// Per partition, the offset at which it is read to the end (`--exit-at-end`).
     pub end_offsets: Option<HashMap<i32, i64>>,
+    /// A group member with `--exit-at-end`: every partition's end at
+    /// start, which the group's committed offsets must reach.
+    pub group_end: Option<BTreeMap<i32, i64>>,
     /// How far ahead of this process's clock a trade time may be.
     pub future_tolerance: Duration,
 }
@@ -220,12 +327,22 @@ pub fn run_source(
     let mut unfinished: BTreeMap<i32, i64> = options.end_offsets.iter().flatten().map(|(p, end)| (*p, *end)).collect();
     unfinished.retain(|p, end| positions.get(p).is_none_or(|pos| pos < end));
     let mut read = 0;
+    let mut group_checked = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if options.end_offsets.is_some() && unfinished.is_empty() {
+        let group_done = options.group_end.as_ref().is_some_and(|ends| {
+            group_checked.elapsed() >= GROUP_END_CHECK && {
+                group_checked = Instant::now();
+                group_at_end(fetch.consumer(), ends)
+            }
+        });
+        if (options.end_offsets.is_some() && unfinished.is_empty()) || group_done {
             let _ = tx.blocking_send(SourceEvent::End);
             return Ok(());
         }
         let (pending, rejected, polled_at) = poll_round(fetch, options, &mut unfinished)?;
+        if let Some(e) = fetch.consumer().context().group.get().and_then(Hooks::take_failure) {
+            return Err(e);
+        }
         let Some(polled_at) = polled_at else { continue };
         read += rejected.len() as u64 + pending.values().map(|p| p.offsets.len() as u64).sum::<u64>();
         CrashPoint::AfterDecode.pass(read);
@@ -246,6 +363,25 @@ pub fn run_source(
         }
     }
     Ok(())
+}
+
+/// How often a group member with `--exit-at-end` asks for the group's
+/// committed offsets.
+const GROUP_END_CHECK: Duration = Duration::from_millis(500);
+
+/// Whether the group committed every partition up to its end at start: by
+/// this member or by others, so the members stop together. An offset not
+/// known yet counts as not there.
+fn group_at_end(consumer: &SourceConsumer, ends: &BTreeMap<i32, i64>) -> bool {
+    let Some(topic) = consumer.context().group.get().map(|hooks| hooks.topic.as_str()) else { return false };
+    let mut list = TopicPartitionList::new();
+    for partition in ends.keys() {
+        list.add_partition(topic, *partition);
+    }
+    let Ok(committed) = consumer.committed_offsets(list, REQUEST_TIMEOUT) else { return false };
+    ends.iter().all(|(partition, end)| {
+        *end <= 0 || matches!(committed.find_partition(topic, *partition).map(|e| e.offset()), Some(Offset::Offset(at)) if at >= *end)
+    })
 }
 
 /// Payload bytes after which a round ends whatever its rows: a round holds

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use super::changelog::{Changelog, Published};
 use super::source::SourceConsumer;
 use crate::checkpoint::{CheckpointStore, Encoded};
 use crate::crash_point::CrashPoint;
@@ -47,8 +48,24 @@ pub enum Work {
     /// was polled (bar latency is measured from there to Redis's reply).
     Bars { bars: Vec<FinalBar>, polled_at: Instant, read: u64 },
     /// State and next offsets of the partitions changed since the last
-    /// checkpoint, as they were after the bars sent before it.
-    Checkpoint { partitions: Vec<Encoded>, last: bool, read: u64 },
+    /// checkpoint, as they were after the bars sent before it; with a
+    /// handover, partitions given up once it is written.
+    Checkpoint { partitions: Vec<Encoded>, last: bool, read: u64, handover: Option<Handover> },
+    /// Symbols of newly assigned partitions and the end of each one's
+    /// newest bar: Redis must still hold them (else the run ends with
+    /// [`Error::RedisDataLost`] and the consumer rewinds them).
+    Check { written: Vec<(String, i64)> },
+    /// Partitions lost to another member: no more offsets of them are committed.
+    Release(Handover),
+}
+
+/// Partitions this consumer gives up.
+pub struct Handover {
+    pub partitions: Vec<i32>,
+    /// Another member owns them already: their offsets are not committed.
+    pub lost: bool,
+    /// Told once their checkpoint and offsets are written.
+    pub done: Option<oneshot::Sender<()>>,
 }
 
 /// The loop's end of the writer.
@@ -72,6 +89,10 @@ struct Round {
     checkpointed: bool,
     /// The last one came: the consumer is stopping.
     last: bool,
+    /// Symbols to check before the bars are written.
+    checks: Vec<(String, i64)>,
+    /// Partitions given up, after the checkpoint.
+    handovers: Vec<Handover>,
 }
 
 impl Round {
@@ -89,12 +110,15 @@ impl Round {
                 }
                 self.polled.push((self.bars.len(), polled_at));
             }
-            Work::Checkpoint { partitions, last, read } => {
+            Work::Checkpoint { partitions, last, read, handover } => {
                 self.read = self.read.max(read);
                 self.checkpoint.extend(partitions.into_iter().map(|e| (e.partition, e)));
                 self.checkpointed = true;
                 self.last |= last;
+                self.handovers.extend(handover);
             }
+            Work::Check { written } => self.checks.extend(written),
+            Work::Release(handover) => self.handovers.push(handover),
         }
     }
 }
@@ -110,6 +134,9 @@ struct Task {
     last_commit: Option<Instant>,
     checkpoints: u64,
     metrics: ConsumerMetrics,
+    /// A group member's changelog: each checkpoint is published there, and
+    /// the offsets committed, in one transaction.
+    changelog: Option<Arc<Changelog>>,
 }
 
 impl Writer {
@@ -121,9 +148,11 @@ impl Writer {
         consumer: Arc<SourceConsumer>,
         topic: String,
         committed: BTreeMap<i32, i64>,
+        changelog: Option<Arc<Changelog>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUED);
-        let task = Task { sink, store, consumer, topic, committed, last_commit: None, checkpoints: 0, metrics: ConsumerMetrics::new() };
+        let metrics = ConsumerMetrics::new();
+        let task = Task { sink, store, consumer, topic, committed, last_commit: None, checkpoints: 0, metrics, changelog };
         Writer { tx, task: Some(tokio::spawn(task.run(rx))) }
     }
 
@@ -176,10 +205,15 @@ impl Task {
             while let Ok(work) = rx.try_recv() {
                 round.add(work);
             }
+            if !round.checks.is_empty() {
+                let written: Vec<(&str, i64)> = round.checks.iter().map(|(s, end)| (s.as_str(), *end)).collect();
+                self.sink.check(&written).await?;
+            }
             self.write_bars(&round).await?;
             if round.checkpointed {
                 self.checkpoint(round.checkpoint.into_values().collect(), round.last, round.read).await?;
             }
+            self.hand_over(round.handovers);
         }
         Ok(self.checkpoints)
     }
@@ -195,24 +229,54 @@ impl Task {
         Ok(())
     }
 
-    /// State and offsets in one synced batch, then (for lag monitoring
-    /// only) the offsets to the group.
+    /// State and offsets in one synced batch; then, in a group, the same
+    /// published to the changelog with the group's offsets in one
+    /// transaction, or else the offsets committed for lag monitoring.
     async fn checkpoint(&mut self, partitions: Vec<Encoded>, last: bool, read: u64) -> Result<()> {
         if !partitions.is_empty() {
-            let offsets: Vec<(i32, i64)> = partitions.iter().map(|e| (e.partition, e.next_offset)).collect();
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || {
+            self.committed.extend(partitions.iter().map(|e| (e.partition, e.next_offset)));
+            let (store, changelog, consumer) = (self.store.clone(), self.changelog.clone(), self.consumer.clone());
+            let (topic, offsets) = (self.topic.clone(), self.committed.clone());
+            let published = tokio::task::spawn_blocking(move || {
                 let batch = store.prepare(&partitions)?;
                 CrashPoint::InsideCheckpoint.pass(read);
-                store.commit(batch)
+                store.commit(batch)?;
+                let Some(changelog) = changelog else { return Ok(None) };
+                let group = consumer.group_metadata().ok_or_else(|| Error::Invariant("a group member without group metadata".into()))?;
+                changelog.publish(&partitions, &topic, &offsets, &group).map(Some)
             })
             .await
             .map_err(|e| Error::join("checkpoint thread", e))??;
+            if published == Some(Published::Fenced) {
+                metrics::counter!(crate::telemetry::CHANGELOG_FENCED).increment(1);
+            }
             self.checkpoints += 1;
-            self.committed.extend(offsets);
         }
-        self.commit_for_monitoring(last);
+        if self.changelog.is_none() {
+            self.commit_for_monitoring(last);
+        }
         Ok(())
+    }
+
+    /// Partitions given up: a revoked one's offsets are committed first
+    /// (synchronously, while this member still owns it), a lost one's never.
+    fn hand_over(&mut self, handovers: Vec<Handover>) {
+        if handovers.is_empty() {
+            return;
+        }
+        for handover in handovers.iter().filter(|h| h.lost) {
+            self.committed.retain(|p, _| !handover.partitions.contains(p));
+        }
+        // A group member's offsets went with its last changelog transaction.
+        if self.changelog.is_none() && handovers.iter().any(|h| !h.lost) {
+            self.commit_for_monitoring(true);
+        }
+        for handover in handovers {
+            self.committed.retain(|p, _| !handover.partitions.contains(p));
+            if let Some(done) = handover.done {
+                let _ = done.send(());
+            }
+        }
     }
 
     /// At most once a second (and at shutdown): each commit is a request
@@ -253,11 +317,11 @@ mod tests {
         let at = Instant::now();
         let mut round = Round::default();
         round.add(Work::Bars { bars: vec![bar("A", 1000), bar("B", 1000)], polled_at: at, read: 40 });
-        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 10), checkpoint(1, 20)], last: false, read: 40 });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 10), checkpoint(1, 20)], last: false, read: 40, handover: None });
         round.add(Work::Bars { bars: Vec::new(), polled_at: at, read: 50 });
         round.add(Work::Bars { bars: vec![bar("A", 2000)], polled_at: at, read: 70 });
-        round.add(Work::Checkpoint { partitions: Vec::new(), last: false, read: 70 });
-        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 30)], last: true, read: 90 });
+        round.add(Work::Checkpoint { partitions: Vec::new(), last: false, read: 70, handover: None });
+        round.add(Work::Checkpoint { partitions: vec![checkpoint(0, 30)], last: true, read: 90, handover: None });
 
         let order: Vec<(&str, i64)> = round.bars.iter().map(|b| (b.symbol.as_str(), b.end)).collect();
         assert_eq!(order, [("A", 1000), ("B", 1000), ("A", 2000)]);

@@ -25,6 +25,20 @@ impl KafkaArgs {
     /// account that may read and write the topics but not create them
     /// works once they exist.
     pub async fn ensure(&self, topics: &[(&str, i32)]) -> Result<()> {
+        let bytes = self.topic_retention_bytes.to_string();
+        self.ensure_with(topics, &[("retention.ms", "-1"), ("retention.bytes", &bytes)]).await
+    }
+
+    /// A compacted topic of `partitions` for the consumer group's state
+    /// (its changelog): only each key's last record is kept, however long.
+    /// A snapshot may be larger than the broker's default record limit.
+    pub async fn ensure_compacted(&self, topic: &str, partitions: i32) -> Result<()> {
+        let max = CHANGELOG_MAX_BYTES.to_string();
+        self.ensure_with(&[(topic, partitions)], &[("cleanup.policy", "compact"), ("max.message.bytes", &max), ("segment.ms", "600000")])
+            .await
+    }
+
+    async fn ensure_with(&self, topics: &[(&str, i32)], settings: &[(&str, &str)]) -> Result<()> {
         let args = self.clone();
         tokio::task::spawn_blocking(move || args.check_reachable()).await.map_err(|e| Error::join("kafka probe", e))??;
         let admin: AdminClient<DefaultClientContext> = self.client_config()?.create().map_err(|e| Error::kafka("admin client", e))?;
@@ -38,11 +52,12 @@ impl KafkaArgs {
                 "topic(s) {names:?} do not exist and --no-create-topics is set: create them (scripts/services topic NAME PARTITIONS, or your cluster's tooling)"
             )));
         }
-        let bytes = self.topic_retention_bytes.to_string();
         let new: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|&(name, partitions)| {
-                NewTopic::new(name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "-1").set("retention.bytes", &bytes)
+                settings
+                    .iter()
+                    .fold(NewTopic::new(name, partitions, TopicReplication::Fixed(-1)), |topic, (key, value)| topic.set(key, value))
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
@@ -61,6 +76,9 @@ impl KafkaArgs {
         Ok(())
     }
 }
+
+/// Largest record of a changelog topic (a partition's state snapshot).
+pub const CHANGELOG_MAX_BYTES: usize = 16 << 20;
 
 /// Those of `topics` the broker's metadata does not list. The metadata of
 /// all topics (those the account may describe), in one request: asking for

@@ -9,8 +9,9 @@
 //! range) take this path. Statistics, logs and client errors stay on the
 //! consumer's own queue, which the caller still polls once per round
 //! ([`FetchQueue::serve_events`]). A consumer whose partitions change (a
-//! group rebalance) must forward each newly assigned partition before it
-//! starts fetching, as [`FetchQueue::assign`] does for the first assignment.
+//! group rebalance) forwards each newly assigned partition before it starts
+//! fetching ([`Forwarding::add`]), as [`FetchQueue::assign`] does for a
+//! static assignment.
 //!
 //! The only `unsafe` of the crate, confined to this module: each call is
 //! librdkafka's documented queue and message API, and every message is
@@ -18,9 +19,10 @@
 
 #![allow(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
@@ -38,8 +40,8 @@ pub const MAX_BATCH: usize = 1024;
 /// Our queue, and the partition queues forwarded to it, of a consumer with
 /// context `C`.
 pub struct FetchQueue<C: ConsumerContext + 'static> {
-    queue: NonNull<rd::rd_kafka_queue_t>,
-    partitions: Vec<NonNull<rd::rd_kafka_queue_t>>,
+    /// Dropped before `consumer`: its handles point into the client.
+    forwarding: Arc<Forwarding>,
     /// Room for the message pointers of one batch, allocated once.
     slots: Vec<*mut rd::rd_kafka_message_t>,
     /// Held so the client outlives every queue handle of it.
@@ -51,31 +53,107 @@ pub struct FetchQueue<C: ConsumerContext + 'static> {
 // (`&mut self`), and the client it points into is kept alive by `consumer`.
 unsafe impl<C: ConsumerContext + 'static> Send for FetchQueue<C> {}
 
-impl<C: ConsumerContext + 'static> FetchQueue<C> {
-    /// Assigns `consumer` the partitions of `list`, their fetch queues
-    /// forwarded to a new queue first: a record fetched before the forward
-    /// would go to the consumer's own queue.
-    pub fn assign(consumer: Arc<BaseConsumer<C>>, list: &TopicPartitionList) -> Result<Self> {
-        let rk = consumer.client().native_ptr();
-        // SAFETY: rk is a live client handle (held by `consumer`).
-        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(rk) })
-            .ok_or_else(|| Error::Invariant("librdkafka could not make a queue".into()))?;
-        let slots = vec![std::ptr::null_mut(); MAX_BATCH];
-        let mut fetch = FetchQueue { queue, partitions: Vec::new(), slots, consumer };
+/// Our queue and which partitions' fetch queues are forwarded to it. A
+/// group member's rebalance callback adds and removes partitions through
+/// it (holding it weakly: the [`FetchQueue`] owns it).
+pub struct Forwarding {
+    rk: NonNull<rd::rd_kafka_t>,
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    partitions: Mutex<BTreeMap<(String, i32), NonNull<rd::rd_kafka_queue_t>>>,
+}
+
+// SAFETY: as for FetchQueue; the partition handles are behind a mutex, and
+// the client `rk` points to outlives the Forwarding (its FetchQueue holds
+// the client and drops the Forwarding first).
+unsafe impl Send for Forwarding {}
+// SAFETY: see Send; every method takes the mutex or only reads the handles.
+unsafe impl Sync for Forwarding {}
+
+impl Forwarding {
+    /// Forwards the fetch queues of `list`'s partitions to ours; call it
+    /// before they are assigned: a record fetched before the forward would
+    /// go to the consumer's own queue.
+    pub fn add(&self, list: &TopicPartitionList) -> Result<()> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         for element in list.elements() {
-            let (topic, partition) = (element.topic(), element.partition());
-            let topic_c = CString::new(topic).map_err(|_| Error::Config(format!("topic {topic:?} has a NUL byte")))?;
-            // SAFETY: as above; topic_c outlives the call.
-            let handle = unsafe { rd::rd_kafka_queue_get_partition(rk, topic_c.as_ptr(), partition) };
+            let key = (element.topic().to_owned(), element.partition());
+            if partitions.contains_key(&key) {
+                continue;
+            }
+            let topic_c = CString::new(key.0.as_str()).map_err(|_| Error::Config(format!("topic {:?} has a NUL byte", key.0)))?;
+            // SAFETY: rk is a live client handle; topic_c outlives the call.
+            let handle = unsafe { rd::rd_kafka_queue_get_partition(self.rk.as_ptr(), topic_c.as_ptr(), key.1) };
             let handle =
-                NonNull::new(handle).ok_or_else(|| Error::Invariant(format!("librdkafka has no fetch queue for {topic}/{partition}")))?;
+                NonNull::new(handle).ok_or_else(|| Error::Invariant(format!("librdkafka has no fetch queue for {}/{}", key.0, key.1)))?;
             // SAFETY: both handles are live; forwarding keeps a reference to
-            // our queue until it is undone in Drop.
-            unsafe { rd::rd_kafka_queue_forward(handle.as_ptr(), fetch.queue.as_ptr()) };
-            fetch.partitions.push(handle);
+            // our queue until it is undone in `remove` or Drop.
+            unsafe { rd::rd_kafka_queue_forward(handle.as_ptr(), self.queue.as_ptr()) };
+            partitions.insert(key, handle);
         }
+        Ok(())
+    }
+
+    /// Undoes the forward of `list`'s partitions, once they are unassigned.
+    pub fn remove(&self, list: &TopicPartitionList) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        for element in list.elements() {
+            if let Some(handle) = partitions.remove(&(element.topic().to_owned(), element.partition())) {
+                unforward(handle);
+            }
+        }
+    }
+}
+
+/// Undoes one forward and releases the partition's queue handle.
+fn unforward(handle: NonNull<rd::rd_kafka_queue_t>) {
+    // SAFETY: the handle is live and released once (its owner removed it);
+    // undoing the forward releases its reference to our queue.
+    unsafe {
+        rd::rd_kafka_queue_forward(handle.as_ptr(), std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(handle.as_ptr());
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let partitions = std::mem::take(self.partitions.get_mut().unwrap_or_else(|e| e.into_inner()));
+        partitions.into_values().for_each(unforward);
+        // SAFETY: the last handle of our queue; records still in it are
+        // destroyed with it.
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+impl<C: ConsumerContext + 'static> FetchQueue<C> {
+    /// A queue of `consumer` with nothing forwarded to it yet.
+    pub fn new(consumer: Arc<BaseConsumer<C>>) -> Result<Self> {
+        let rk =
+            NonNull::new(consumer.client().native_ptr()).ok_or_else(|| Error::Invariant("librdkafka client without a handle".into()))?;
+        // SAFETY: rk is a live client handle (held by `consumer`).
+        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(rk.as_ptr()) })
+            .ok_or_else(|| Error::Invariant("librdkafka could not make a queue".into()))?;
+        let forwarding = Arc::new(Forwarding { rk, queue, partitions: Mutex::new(BTreeMap::new()) });
+        Ok(FetchQueue { forwarding, slots: vec![std::ptr::null_mut(); MAX_BATCH], consumer })
+    }
+
+    /// Assigns `consumer` the partitions of `list`, their fetch queues
+    /// forwarded to a new queue first.
+    pub fn assign(consumer: Arc<BaseConsumer<C>>, list: &TopicPartitionList) -> Result<Self> {
+        let fetch = FetchQueue::new(consumer)?;
+        fetch.forwarding.add(list)?;
         fetch.consumer.assign(list).map_err(|e| Error::kafka("assign", e))?;
         Ok(fetch)
+    }
+
+    /// The forwarding a rebalance callback updates; held weakly there, so
+    /// it goes when this queue does.
+    pub fn forwarding(&self) -> std::sync::Weak<Forwarding> {
+        Arc::downgrade(&self.forwarding)
+    }
+
+    /// The client this queue reads for.
+    pub fn consumer(&self) -> &BaseConsumer<C> {
+        &self.consumer
     }
 
     /// Up to `max` records (at most [`MAX_BATCH`]): the first within
@@ -95,7 +173,8 @@ impl<C: ConsumerContext + 'static> FetchQueue<C> {
     fn consume(&mut self, timeout: Duration, at: usize, count: usize) -> usize {
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: the queue is live and `slots[at..at + count]` is ours to fill.
-        let got = unsafe { rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), timeout_ms, self.slots.as_mut_ptr().add(at), count) };
+        let got =
+            unsafe { rd::rd_kafka_consume_batch_queue(self.forwarding.queue.as_ptr(), timeout_ms, self.slots.as_mut_ptr().add(at), count) };
         // -1 only for a queue handle that is not a consumer's, which ours is.
         usize::try_from(got).unwrap_or(0)
     }
@@ -117,22 +196,6 @@ impl<C: ConsumerContext + 'static> FetchQueue<C> {
 fn unexpected(partition: i32, offset: i64) -> RDKafkaErrorCode {
     tracing::error!(partition, offset, "a record came through the consumer queue instead of the fetch queue");
     RDKafkaErrorCode::Fatal
-}
-
-impl<C: ConsumerContext + 'static> Drop for FetchQueue<C> {
-    fn drop(&mut self) {
-        for handle in self.partitions.drain(..) {
-            // SAFETY: each handle is live and dropped once; undoing the
-            // forward releases its reference to our queue.
-            unsafe {
-                rd::rd_kafka_queue_forward(handle.as_ptr(), std::ptr::null_mut());
-                rd::rd_kafka_queue_destroy(handle.as_ptr());
-            }
-        }
-        // SAFETY: the last handle of our queue; records still in it are
-        // destroyed with it.
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
-    }
 }
 
 /// A batch of records, destroyed when dropped.

@@ -400,6 +400,9 @@ fn command(config: &CrashConfig, lane: &Lane, crash_at: Option<&str>) -> Command
     for (key, _) in std::env::vars_os().filter(|(key, _)| key.to_string_lossy().starts_with("CRYPTOPULSE_")) {
         cmd.env_remove(key);
     }
+    // One consumer over every partition: the crash harness measures the
+    // checkpoint and recovery path; groups are tested in tests/it/group.rs.
+    cmd.env("CRYPTOPULSE_ASSIGN", "all");
     cmd.arg("--exit-at-end").arg("--state-dir").arg(&lane.state_dir);
     let numbers = [redis.retention_secs, redis.redis_retry_secs, cadence.batch_rows as u64, cadence.checkpoint_records];
     let ([retention, retry, batch, records], partitions) = (numbers.map(|n| n.to_string()), kafka.partitions.to_string());

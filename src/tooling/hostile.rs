@@ -461,6 +461,7 @@ fn run_consumer(config: &HostileConfig, kafka: &KafkaArgs, prefix: &str, symbols
         .arg("--state-dir")
         .arg(&state)
         .env("CRYPTOPULSE_REDIS_URL", &config.redis.target.url)
+        .env("CRYPTOPULSE_ASSIGN", "all")
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| Error::io(&config.consumer_bin, e))?;

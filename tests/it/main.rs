@@ -36,6 +36,7 @@ mod compose;
 mod crash;
 mod dashboard;
 mod doctor;
+mod group;
 mod hostile;
 mod live;
 mod metrics;

@@ -145,6 +145,10 @@ impl SecureLane {
     fn live_consumer(&self, brokers: &str, config: &Path, state: &Path) -> Command {
         let mut command = self.command(env!("CARGO_BIN_EXE_consumer"), brokers, config);
         command.args(["--group-id", &self.group, "--redis-prefix", &self.lane.name]).arg("--state-dir").arg(state);
+        // Every partition, outside the group protocol: the limited account
+        // has no rights on a changelog topic or transactional id
+        // (docs/security.md lists those a group member needs).
+        command.args(["--assign", "all"]);
         command
     }
 

@@ -38,7 +38,7 @@ async fn written(test: &str, retention_ms: i64, calls: &[&[FinalBar]]) -> (Strin
     let prefix = Lane::new(test).name;
     let names = WindowConfig::default().names();
     let mut sink = RedisSink::connect(&url(), &prefix, names, retention_ms, Duration::from_secs(10)).await.expect("redis");
-    sink.check(&[]).await.expect("check");
+    sink.set_layout().await.expect("layout");
     for bars in calls {
         sink.write(bars).await.expect("write");
     }
@@ -154,7 +154,7 @@ async fn a_symbol_that_lost_data_is_named_by_its_next_write_and_rewritten_whole(
         let prefix = Lane::new("sink-loss").name;
         let keys = Keys { prefix: prefix.clone() };
         let mut sink = RedisSink::connect(&url(), &prefix, names.clone(), 24 * 3600 * 1000, Duration::from_secs(10)).await.expect("redis");
-        sink.check(&[]).await.expect("check");
+        sink.set_layout().await.expect("layout");
         sink.write(&bars[..400]).await.expect("write");
         let mut conn = sink::connect(&url()).await.expect("redis");
         damage(&keys, "BTCUSDT", command).query_async::<()>(&mut conn).await.expect("damage");
@@ -251,7 +251,7 @@ async fn two_writers_of_the_same_bars_interleaved_leave_what_one_leaves() {
             let redis_url = url();
             let connect = || RedisSink::connect(&redis_url, &prefix, names.clone(), retention_ms, Duration::from_secs(10));
             let (mut a, mut b) = (connect().await.expect("redis"), connect().await.expect("redis"));
-            a.check(&[]).await.expect("check");
+            a.set_layout().await.expect("layout");
             // Each writer goes through all bars in its own chunks, as two
             // consumers over the same trades would; which one writes next
             // is drawn, so either may be ahead by any amount.

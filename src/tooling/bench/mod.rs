@@ -274,6 +274,9 @@ impl Bench<'_> {
         cmd.args(["--topic", topic, "--dlq-topic", &format!("{}.dlq", self.run), "--redis-prefix", prefix, "--group-id", prefix]);
         cmd.arg("--state-dir").arg(state).args(&self.config.consumer_args);
         cmd.env("CRYPTOPULSE_REDIS_URL", &self.config.redis_url);
+        // Every partition, as one consumer: through the environment, which
+        // builds from before `--assign` ignore.
+        cmd.env("CRYPTOPULSE_ASSIGN", "all");
         cmd
     }
 

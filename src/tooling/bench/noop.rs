@@ -32,7 +32,7 @@ pub struct NoopSummary {
 /// when this started, counting records and payload bytes.
 pub fn run(kafka: &KafkaArgs, group_id: &str) -> Result<NoopSummary> {
     let consumer: SourceConsumer = source_client_config(kafka, group_id)?
-        .create_with_context(SourceContext { topic: kafka.topic.clone() })
+        .create_with_context(SourceContext::new(&kafka.topic))
         .map_err(|e| Error::kafka("create consumer", e))?;
     let mut list = TopicPartitionList::new();
     // As the consumer's source: looked up per record, so not hashed.

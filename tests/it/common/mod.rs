@@ -145,6 +145,7 @@ impl Lane {
             state_dir: state_dir.to_owned(),
             window: WindowConfig::default(),
             group_id: format!("{}-group", self.name),
+            assignment: cryptopulse::consumer::Assignment::Static(None),
             exit_at_end: true,
             checkpoint_interval: Duration::from_millis(200),
             checkpoint_records: 5_000,

@@ -1,0 +1,354 @@
+//! Several consumers in one group (SPEC §8), as processes of the consumer
+//! binary against the local broker and Redis: they share the partitions,
+//! and Redis ends as one consumer alone leaves it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cryptopulse::consumer::ASSIGNED_LOG;
+use cryptopulse::replay::{self, ReplayOptions, Speed};
+use cryptopulse::sink;
+use cryptopulse::synth::{self, SynthConfig};
+use cryptopulse::tooling::digest;
+
+use crate::common::{fixture, Lane};
+
+/// Partitions of the topics here: more than members, fewer than symbols.
+const PARTITIONS: i32 = 12;
+
+/// A consumer process of the group, its log in a file.
+struct Member {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Member {
+    fn start(lane: &Lane, group: &str, state: &Path, log: PathBuf) -> Member {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_consumer"))
+            .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
+            .args(["--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic, "--group-id", group])
+            .args(["--redis-prefix", &lane.redis.target.prefix, "--checkpoint-ms", "200"])
+            .arg("--state-dir")
+            .arg(state)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("consumer");
+        Member { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it was given at least one partition.
+    fn has_partitions(&self) -> bool {
+        self.log().lines().any(|line| line.contains(ASSIGNED_LOG) && !line.contains("partitions=[]"))
+    }
+
+    /// SIGTERM, then its exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "member did not stop within 30 s of SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One row of `kafka-consumer-groups --describe`.
+#[derive(Debug)]
+struct Row {
+    partition: i32,
+    lag: Option<i64>,
+    member: String,
+}
+
+/// Kafka's own `kafka-consumer-groups --describe` for `group`, its rows of `topic`.
+fn describe(group: &str, topic: &str) -> Vec<Row> {
+    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let brokers = std::env::var("CRYPTOPULSE_BROKERS").expect("brokers");
+    let output = Command::new(services)
+        .args(["kafka-tool", "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"])
+        .args(["--bootstrap-server", &brokers, "--describe", "--group", group])
+        .output()
+        .expect("kafka-consumer-groups");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| cols.len() >= 7 && cols[1] == topic)
+        .map(|cols| Row { partition: cols[2].parse().expect("partition"), lag: cols[5].parse().ok(), member: cols[6].to_owned() })
+        .collect()
+}
+
+/// Where each dead letter came from: (partition, offset).
+fn letter_sources(lane: &Lane, expected: usize) -> BTreeSet<(String, String)> {
+    lane.dead_letters(expected)
+        .into_iter()
+        .map(|(headers, _)| {
+            let get = |key: &str| headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default();
+            (get("source.partition"), get("source.offset"))
+        })
+        .collect()
+}
+
+/// 475,890 trades of 60 symbols, the fixtures repeated over more symbols.
+fn many_symbols(dir: &Path) -> PathBuf {
+    let out = dir.join("many.parquet");
+    synth::generate(Path::new(fixture::ARCHIVE), &out, &SynthConfig { symbols: 60, repeats: 1, trades: None }).expect("gen");
+    out
+}
+
+async fn replay_file(lane: &Lane, file: &Path) {
+    let options =
+        ReplayOptions { files: vec![file.to_owned()], speed: Speed::Max, symbols: None, from_ms: None, to_ms: None, progress: false };
+    replay::run(&lane.kafka, options).await.expect("replay");
+}
+
+/// Bad records keyed to several partitions: dead letters to account for.
+async fn bad_records(lane: &Lane) {
+    for key in ["AAAUSDT", "BBBUSDT", "CCCUSDT", "DDDUSDT", "EEEUSDT"] {
+        lane.produce(key, &["not json", r#"{"e":"trade","s":"AAAUSDT"}"#]).await;
+    }
+}
+
+/// Three members on `redis_url` over a 12-partition topic of 60 symbols
+/// with bad records in it, started before the trades come, run until
+/// Kafka's own tool shows lag 0 everywhere: they must own the partitions
+/// between them and leave the bars and dead letters of one consumer alone
+/// (on the standalone Redis).
+async fn three_members_leave_one_consumers_bars(test: &str, redis_url: Option<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = many_symbols(dir.path());
+    let mut lane = Lane::new(test);
+    lane.kafka.partitions = PARTITIONS;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let mut members_lane = lane.clone();
+    if let Some(url) = redis_url {
+        members_lane.redis.target.url = url;
+    }
+    let group = format!("{}-group", lane.name);
+
+    // The members start on the empty topic and share it before any trade comes.
+    let members: Vec<Member> = (0..3)
+        .map(|i| Member::start(&members_lane, &group, &dir.path().join(format!("state{i}")), dir.path().join(format!("member{i}.log"))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !members.iter().all(Member::has_partitions) {
+        assert!(Instant::now() < deadline, "not every member was given partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bad_records(&lane).await;
+    replay_file(&lane, &archive).await;
+
+    // Done when Kafka's own tool shows every partition at lag 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0)) {
+            break rows;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = members.iter().map(Member::log).collect();
+            panic!("the group did not reach lag 0 within 60 s: {rows:?}\n{}", logs.join("\n----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let owners: BTreeSet<&str> = rows.iter().map(|r| r.member.as_str()).collect();
+    let logs: Vec<String> = members.iter().map(Member::log).collect();
+    assert_eq!(owners.len(), 3, "three members own the partitions: {rows:?}\n{}", logs.join("\n----\n"));
+    assert!(!owners.contains("-"), "every partition has an owner: {rows:?}");
+    assert_eq!(rows.iter().map(|r| r.partition).collect::<BTreeSet<_>>().len(), PARTITIONS as usize);
+    let mut conn = sink::connect_any(&members_lane.redis.target.url).await.expect("redis");
+    let group_digest = digest::digest_any(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
+
+    // One consumer alone, over the same topic.
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(single.consumer_config(&dir.path().join("single")), std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
+    assert_eq!(
+        (group_digest.keys, &group_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "three members left other bars than one consumer"
+    );
+    assert_eq!(letter_sources(&lane, 10), letter_sources(&single, 10), "dead letters of other records");
+    assert_eq!(letter_sources(&single, 10).len(), 10);
+
+    for member in members {
+        let log = member.log();
+        assert!(member.stop().success(), "a member failed:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_share_the_partitions_and_leave_one_consumers_bars() {
+    three_members_leave_one_consumers_bars("group-three", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_members_writing_to_a_redis_cluster_leave_one_consumers_bars() {
+    let url = std::env::var("CRYPTOPULSE_REDIS_CLUSTER_URL")
+        .expect("CRYPTOPULSE_REDIS_CLUSTER_URL is not set: run the tests with scripts/test, which starts scripts/redis-cluster");
+    three_members_leave_one_consumers_bars("group-cluster", Some(url)).await;
+}
+
+/// The records of every partition of `lane`'s topic deleted, up to its end now.
+async fn delete_all_records(lane: &Lane) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = lane.kafka.client_config().expect("settings").create().expect("admin");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for partition in 0..lane.kafka.partitions {
+        list.add_partition_offset(&lane.kafka.topic, partition, rdkafka::Offset::End).expect("partition");
+    }
+    let deleted = admin.delete_records(&list, &AdminOptions::new()).await.expect("delete records");
+    for element in deleted.elements() {
+        assert!(element.error().is_ok(), "{element:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_on_an_empty_state_dir_takes_over_from_the_changelog_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference = Lane::undisturbed("group-takeover-ref").await;
+    let lane = Lane::new("group-takeover");
+    let group = |state: &str| {
+        let mut config = lane.consumer_config(&dir.path().join(state));
+        config.assignment = cryptopulse::consumer::Assignment::Group;
+        config
+    };
+
+    // A member reads the first half, then its machine is gone; so are the
+    // records it read, deleted by the broker's retention.
+    lane.replay(None, Some(fixture::MIDDLE_MS)).await;
+    let first = cryptopulse::consumer::run(group("first"), std::future::pending()).await.expect("first member");
+    assert!(first.records > 0 && first.records < fixture::TRADES, "{first:?}");
+    delete_all_records(&lane).await;
+    lane.replay(Some(fixture::MIDDLE_MS), None).await;
+
+    // Another machine: a fresh state dir, the same group. Without the
+    // changelog it could not even start (the checkpointless start is the
+    // log start, after the deleted records, and RSI and VWAP would differ).
+    let second = cryptopulse::consumer::run(group("second"), std::future::pending()).await.expect("second member");
+    assert_eq!(first.records + second.records, fixture::TRADES, "the second member read only the second half: {second:?}");
+    let digest = lane.digest().await;
+    assert_eq!((digest.keys, &digest.sha256), (reference.keys, &reference.sha256), "the taken-over bars differ from one undisturbed run");
+}
+
+/// A redis-server of this test's own, so pausing it stops no other test.
+struct OwnRedis {
+    child: Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("port").port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services)");
+        let started = Instant::now();
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnRedis { child, url: format!("redis://127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_paused_for_3_s_during_a_rebalance_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = many_symbols(dir.path());
+    let redis = OwnRedis::start();
+    let mut lane = Lane::new("group-redis-pause");
+    lane.kafka.partitions = PARTITIONS;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let mut members_lane = lane.clone();
+    members_lane.redis.target.url = redis.url.clone();
+    let group = format!("{}-group", lane.name);
+    let start = |name: &str| Member::start(&members_lane, &group, &dir.path().join(name), dir.path().join(format!("{name}.log")));
+
+    let (a, b) = (start("a"), start("b"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.has_partitions() && b.has_partitions()) {
+        assert!(Instant::now() < deadline, "the two members were not given partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replay = {
+        let lane = lane.clone();
+        let options = ReplayOptions {
+            files: vec![archive.clone()],
+            speed: Speed::Factor(20.0),
+            symbols: None,
+            from_ms: None,
+            to_ms: None,
+            progress: false,
+        };
+        tokio::spawn(async move { replay::run(&lane.kafka, options).await.expect("replay") })
+    };
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Redis stops answering for 3 s, and a member joins: the partitions
+    // it takes must be written and checkpointed by their owners first,
+    // which waits for Redis.
+    let mut conn = sink::connect(&redis.url).await.expect("redis");
+    redis::cmd("CLIENT").arg("PAUSE").arg(3000).arg("ALL").query_async::<()>(&mut conn).await.expect("client pause");
+    let c = start("c");
+    replay.await.expect("replay task");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0) && r.member != "-") {
+            let owners: BTreeSet<&str> = rows.iter().map(|r| r.member.as_str()).collect();
+            assert_eq!(owners.len(), 3, "the member that joined during the pause owns partitions: {rows:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group did not reach lag 0 within 60 s: {rows:?}\n{}", c.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let paused_digest = digest::digest(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
+
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(single.consumer_config(&dir.path().join("single")), std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
+    assert_eq!(
+        (paused_digest.keys, &paused_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "Redis paused during a rebalance changed the bars"
+    );
+    for member in [a, b, c] {
+        let log = member.log();
+        assert!(member.stop().success(), "a member failed:\n{log}");
+    }
+}
