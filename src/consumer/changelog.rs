@@ -16,11 +16,12 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::checkpoint::{Encoded, Identity, PartitionCheckpoint, FORMAT_VERSION};
@@ -147,7 +148,14 @@ impl Changelog {
 /// (which fences an earlier producer of its id).
 fn start(settings: &ClientConfig) -> Result<ThreadedProducer<DefaultProducerContext>> {
     let producer: ThreadedProducer<DefaultProducerContext> = settings.create().map_err(|e| Error::kafka("changelog producer", e))?;
-    producer.init_transactions(STEP_TIMEOUT).map_err(|e| Error::kafka("changelog: init transactions", e))?;
+    producer.init_transactions(STEP_TIMEOUT).map_err(|e| match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => Error::Config(format!(
+            "the brokers refuse this account the transactional id {:?} a group member publishes its state with: \
+             grant it WRITE and DESCRIBE on transactional ids prefixed \"cryptopulse-\" (docs/security.md), or run with --assign",
+            settings.get("transactional.id").unwrap_or_default()
+        )),
+        _ => Error::kafka("changelog: init transactions", e),
+    })?;
     Ok(producer)
 }
 
@@ -168,32 +176,87 @@ fn requires_abort(error: &KafkaError) -> bool {
     }
 }
 
+/// Records read back from a changelog partition's end at first: a
+/// committed snapshot and its transaction marker take two offsets, so the
+/// newest snapshot is among them unless transactions were aborted since.
+const TAIL: i64 = 32;
+
 /// Reads the newest snapshot of each of `partitions` from the changelog
-/// (committed records only). Snapshots of another identity or format are
+/// (committed records only), from the end of each partition back: each
+/// holds one key, so only its newest record counts, and the part not
+/// compacted yet may be long. Snapshots of another identity or format are
 /// skipped with a warning.
 pub fn restore(kafka: &KafkaArgs, group_id: &str, identity: &Identity, partitions: &[i32]) -> Result<BTreeMap<i32, PartitionCheckpoint>> {
     let topic = topic_of(group_id);
-    let reader: BaseConsumer = kafka
+    // A short fetch wait: the end of each partition is what is waited for,
+    // and the broker holds a fetch that finds nothing new this long.
+    let reader: BaseConsumer<ReaderContext> = kafka
         .config_with(&[("group.id", group_id), ("isolation.level", "read_committed"), ("enable.partition.eof", "true")])?
         .set("enable.auto.commit", "false")
-        .create()
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(ReaderContext)
         .map_err(|e| Error::kafka("changelog reader", e))?;
-    let mut list = TopicPartitionList::new();
-    let mut open = std::collections::BTreeSet::new();
+    let expected = Expected { identity: identity.encode(), format: FORMAT_VERSION.to_string() };
+    // Per partition still looked for: its log start and where the last
+    // step back began (first its end).
+    let mut looking = BTreeMap::new();
     for &partition in partitions {
         let (low, high) = reader.fetch_watermarks(&topic, partition, STEP_TIMEOUT).map_err(|e| Error::kafka("changelog watermarks", e))?;
         if high > low {
-            list.add_partition_offset(&topic, partition, Offset::Offset(low)).map_err(|e| Error::kafka("changelog assign", e))?;
-            open.insert(partition);
+            looking.insert(partition, (low, high));
         }
     }
     let mut found = BTreeMap::new();
-    if open.is_empty() {
-        return Ok(found);
+    let mut back = TAIL;
+    while !looking.is_empty() {
+        for (low, from) in looking.values_mut() {
+            *from = (*from - back).max(*low);
+        }
+        let starts: BTreeMap<i32, i64> = looking.iter().map(|(p, (_, from))| (*p, *from)).collect();
+        found.extend(newest_from(&reader, &topic, &starts, &expected)?);
+        looking.retain(|partition, (low, from)| !found.contains_key(partition) && from > low);
+        back *= 8;
+    }
+    info!(%topic, partitions = ?found.keys().collect::<Vec<_>>(), "read the newest snapshots from the changelog");
+    Ok(found)
+}
+
+/// The changelog reader's context: the ends of partitions it asks for are
+/// no errors to log.
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) && !matches!(error, KafkaError::PartitionEOF(_)) {
+            warn!(%error, reason, "changelog reader: kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// What a snapshot of this member's settings carries in its headers.
+struct Expected {
+    identity: String,
+    format: String,
+}
+
+/// The newest readable snapshot of each partition of `starts`, reading it
+/// from its start there to its end (its last stable offset).
+fn newest_from(
+    reader: &BaseConsumer<ReaderContext>,
+    topic: &str,
+    starts: &BTreeMap<i32, i64>,
+    expected: &Expected,
+) -> Result<BTreeMap<i32, PartitionCheckpoint>> {
+    let mut list = TopicPartitionList::new();
+    for (partition, from) in starts {
+        list.add_partition_offset(topic, *partition, Offset::Offset(*from)).map_err(|e| Error::kafka("changelog assign", e))?;
     }
     reader.assign(&list).map_err(|e| Error::kafka("changelog assign", e))?;
-    let (expected_identity, expected_format) = (identity.encode(), FORMAT_VERSION.to_string());
+    let mut open: std::collections::BTreeSet<i32> = starts.keys().copied().collect();
     let deadline = std::time::Instant::now() + STEP_TIMEOUT * 2;
+    let mut newest = BTreeMap::new();
     while !open.is_empty() {
         if std::time::Instant::now() > deadline {
             return Err(Error::Timeout {
@@ -214,21 +277,20 @@ pub fn restore(kafka: &KafkaArgs, group_id: &str, identity: &Identity, partition
                     })
                 };
                 let partition = message.partition();
-                if header(FORMAT_HEADER).as_deref() != Some(&expected_format)
-                    || header(IDENTITY_HEADER).as_deref() != Some(&expected_identity)
+                if header(FORMAT_HEADER).as_deref() != Some(&expected.format)
+                    || header(IDENTITY_HEADER).as_deref() != Some(&expected.identity)
                 {
                     warn!(%topic, partition, offset = message.offset(), "changelog snapshot of another format or identity (window settings, partitions) skipped");
                     continue;
                 }
                 match message.payload().and_then(PartitionCheckpoint::decode) {
                     Some(checkpoint) => {
-                        found.insert(partition, checkpoint);
+                        newest.insert(partition, checkpoint);
                     }
                     None => warn!(%topic, partition, offset = message.offset(), "unreadable changelog snapshot skipped"),
                 }
             }
         }
     }
-    info!(%topic, partitions = ?found.keys().collect::<Vec<_>>(), "read the newest snapshots from the changelog");
-    Ok(found)
+    Ok(newest)
 }

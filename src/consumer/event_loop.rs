@@ -59,7 +59,7 @@ impl Loop {
                     Some(SourceEvent::Batch { batches, rejected, polled_at }) => self.on_batch(batches, rejected, polled_at).await?,
                     Some(SourceEvent::Group(Change::Assigned(restored))) => self.on_assigned(restored).await?,
                     Some(SourceEvent::Group(Change::Revoked { partitions, done })) => self.on_revoked(&partitions, done).await?,
-                    Some(SourceEvent::Group(Change::Lost(partitions))) => self.on_lost(&partitions).await?,
+                    Some(SourceEvent::Group(Change::Lost { partitions, done })) => self.on_lost(&partitions, done).await?,
                     Some(SourceEvent::End) | None => break,
                 },
                 _ = tick.tick() => self.on_tick().await?,
@@ -151,9 +151,9 @@ impl Loop {
     }
 
     /// Partitions another member owns already: dropped without a checkpoint.
-    async fn on_lost(&mut self, partitions: &[i32]) -> Result<()> {
+    async fn on_lost(&mut self, partitions: &[i32], done: oneshot::Sender<()>) -> Result<()> {
         self.forget(partitions);
-        self.writer.send(Work::Release(Handover { partitions: partitions.to_vec(), lost: true, done: None })).await
+        self.writer.send(Work::Release(Handover { partitions: partitions.to_vec(), lost: true, done: Some(done) })).await
     }
 
     fn forget(&mut self, partitions: &[i32]) {

@@ -200,9 +200,11 @@ async fn run_once(config: ConsumerConfig, shutdown: impl Future<Output = ()>) ->
             let (kafka, group, member, made_with) =
                 (config.kafka.clone(), config.group_id.clone(), member.clone().unwrap_or_default(), state_identity.clone());
             changelog = Some(Arc::new(
-                tokio::task::spawn_blocking(move || Changelog::open(&kafka, &group, &member, &made_with))
-                    .await
-                    .map_err(|e| Error::join("changelog producer", e))??,
+                tokio::task::spawn_blocking(move || {
+                    group::with_retries("starting the changelog producer", || Changelog::open(&kafka, &group, &member, &made_with))
+                })
+                .await
+                .map_err(|e| Error::join("changelog producer", e))??,
             ));
             let sink = connect_sink(&config).await?;
             let fetch = source::subscribe(&consumer, &config, state_identity, store.clone(), &tx)?;

@@ -236,6 +236,10 @@ pub(super) fn subscribe(
             let events = events.downgrade();
             Box::new(move |change| events.upgrade().is_some_and(|tx| tx.blocking_send(SourceEvent::Group(change)).is_ok()))
         },
+        open: {
+            let events = events.downgrade();
+            Box::new(move || events.upgrade().is_some_and(|tx| !tx.is_closed()))
+        },
         failed: Mutex::new(None),
     };
     if consumer.context().group.set(hooks).is_err() {

@@ -210,6 +210,13 @@ impl Task {
                 self.sink.check(&written).await?;
             }
             self.write_bars(&round).await?;
+            // Lost partitions are another member's: neither their state nor
+            // their offsets are published from here on, even when their
+            // checkpoint was queued before they were lost.
+            for handover in round.handovers.iter().filter(|h| h.lost) {
+                self.committed.retain(|p, _| !handover.partitions.contains(p));
+                round.checkpoint.retain(|p, _| !handover.partitions.contains(p));
+            }
             if round.checkpointed {
                 self.checkpoint(round.checkpoint.into_values().collect(), round.last, round.read).await?;
             }
@@ -263,9 +270,6 @@ impl Task {
     fn hand_over(&mut self, handovers: Vec<Handover>) {
         if handovers.is_empty() {
             return;
-        }
-        for handover in handovers.iter().filter(|h| h.lost) {
-            self.committed.retain(|p, _| !handover.partitions.contains(p));
         }
         // A group member's offsets went with its last changelog transaction.
         if self.changelog.is_none() && handovers.iter().any(|h| !h.lost) {

@@ -25,10 +25,15 @@ struct Member {
 }
 
 impl Member {
-    fn start(lane: &Lane, group: &str, state: &Path, log: PathBuf) -> Member {
+    /// A member on `state`, logging to `name`.log in [`log_dir`], with
+    /// librdkafka's group debugging: a member that waits is explained there.
+    fn start(lane: &Lane, group: &str, state: &Path, name: &str) -> Member {
+        let log = log_dir(lane).join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_consumer"))
             .env("CRYPTOPULSE_REDIS_URL", &lane.redis.target.url)
+            .env("RUST_LOG", "info,librdkafka=debug")
+            .args(["-X", "debug=cgrp"])
             .args(["--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic, "--group-id", group])
             .args(["--redis-prefix", &lane.redis.target.prefix, "--checkpoint-ms", "200"])
             .arg("--state-dir")
@@ -40,8 +45,11 @@ impl Member {
         Member { child, log }
     }
 
+    /// Its log without librdkafka's debugging (which stays in the file).
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let own: Vec<&str> = log.lines().filter(|line| !line.contains(" DEBUG librdkafka")).collect();
+        format!("{} (librdkafka's debugging left out):\n{}", self.log.display(), own.join("\n"))
     }
 
     /// Whether it was given at least one partition.
@@ -69,6 +77,14 @@ impl Drop for Member {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where the members of `lane`'s test log: kept after the run, under the
+/// build's target directory.
+fn log_dir(lane: &Lane) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("group-logs").join(&lane.name);
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
 }
 
 /// One row of `kafka-consumer-groups --describe`.
@@ -145,12 +161,14 @@ async fn three_members_leave_one_consumers_bars(test: &str, redis_url: Option<St
     let group = format!("{}-group", lane.name);
 
     // The members start on the empty topic and share it before any trade comes.
-    let members: Vec<Member> = (0..3)
-        .map(|i| Member::start(&members_lane, &group, &dir.path().join(format!("state{i}")), dir.path().join(format!("member{i}.log"))))
-        .collect();
+    let members: Vec<Member> =
+        (0..3).map(|i| Member::start(&members_lane, &group, &dir.path().join(format!("state{i}")), &format!("member{i}"))).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !members.iter().all(Member::has_partitions) {
-        assert!(Instant::now() < deadline, "not every member was given partitions within 60 s");
+        if Instant::now() > deadline {
+            let logs: Vec<String> = members.iter().map(Member::log).collect();
+            panic!("not every member was given partitions within 60 s:\n{}", logs.join("\n----\n"));
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bad_records(&lane).await;
@@ -294,7 +312,7 @@ async fn redis_paused_for_3_s_during_a_rebalance_changes_nothing() {
     let mut members_lane = lane.clone();
     members_lane.redis.target.url = redis.url.clone();
     let group = format!("{}-group", lane.name);
-    let start = |name: &str| Member::start(&members_lane, &group, &dir.path().join(name), dir.path().join(format!("{name}.log")));
+    let start = |name: &str| Member::start(&members_lane, &group, &dir.path().join(name), name);
 
     let (a, b) = (start("a"), start("b"));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -348,6 +366,98 @@ async fn redis_paused_for_3_s_during_a_rebalance_changes_nothing() {
         "Redis paused during a rebalance changed the bars"
     );
     for member in [a, b, c] {
+        let log = member.log();
+        assert!(member.stop().success(), "a member failed:\n{log}");
+    }
+}
+
+/// Sends `signal` (`-KILL`, `-STOP`, ...) to a member.
+fn signal(member: &Member, signal: &str) {
+    Command::new("kill").args([signal, &member.child.id().to_string()]).status().expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_killed_added_restarted_and_paused_while_trades_stream_leave_one_consumers_bars() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = many_symbols(dir.path());
+    let mut lane = Lane::new("group-chaos");
+    lane.kafka.partitions = PARTITIONS;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let group = format!("{}-group", lane.name);
+    let state = |name: &str| dir.path().join(name);
+
+    let a = Member::start(&lane, &group, &state("a"), "a");
+    let mut b = Member::start(&lane, &group, &state("b"), "b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.has_partitions() && b.has_partitions()) {
+        assert!(Instant::now() < deadline, "the two members were not given partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The fixtures' 346 s of trades at 15 times their pace: about 23 s.
+    let replay = {
+        let lane = lane.clone();
+        let options = ReplayOptions {
+            files: vec![archive.clone()],
+            speed: Speed::Factor(15.0),
+            symbols: None,
+            from_ms: None,
+            to_ms: None,
+            progress: false,
+        };
+        tokio::spawn(async move { replay::run(&lane.kafka, options).await.expect("replay") })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A machine gone: SIGKILL, no checkpoint, no goodbye to the group.
+    signal(&a, "-KILL");
+    drop(a);
+    // A member added on a fresh machine.
+    let c = Member::start(&lane, &group, &state("c"), "c");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A member stopped and restarted on its state dir.
+    let status = b.stop();
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    b = Member::start(&lane, &group, &state("b"), "b-again");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A member paused past its session timeout (10 s on the local broker), then resumed.
+    signal(&c, "-STOP");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    signal(&c, "-CONT");
+    replay.await.expect("replay task");
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == PARTITIONS as usize && rows.iter().all(|r| r.lag == Some(0) && r.member != "-") {
+            break;
+        }
+        if Instant::now() > deadline {
+            panic!("the group did not reach lag 0 within 90 s: {rows:?}\n{}\n----\n{}", b.log(), c.log());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let group_digest = lane.digest().await;
+
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(single.consumer_config(&state("single")), std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
+    assert_eq!(
+        (group_digest.keys, &group_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "members killed, added, restarted and paused left other bars than one consumer\n{}\n----\n{}",
+        b.log(),
+        c.log()
+    );
+
+    // The paused member learnt it was fenced, and the partitions of the
+    // killed one were taken over from the changelog.
+    let (c_log, logs) = (c.log(), [b.log(), c.log(), std::fs::read_to_string(log_dir(&lane).join("b.log")).unwrap_or_default()].join("\n"));
+    assert!(c_log.contains("this member was fenced") || c_log.contains("changelog transaction refused"), "{c_log}");
+    assert!(logs.contains(cryptopulse::consumer::RESTORED_LOG), "no partition was restored from the changelog:\n{logs}");
+    for member in [b, c] {
         let log = member.log();
         assert!(member.stop().success(), "a member failed:\n{log}");
     }

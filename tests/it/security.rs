@@ -210,6 +210,56 @@ async fn the_limited_account_runs_replay_and_consumer_over_each_mechanism_with_t
     }
 }
 
+/// A consumer-group member (no `--assign`) as the limited account, with
+/// the rights docs/security.md lists (its changelog topic, made by the
+/// admin, and its transactional id): it reads the topic, publishes its
+/// state and commits the group's offsets in transactions; a second member
+/// on an empty state dir takes every partition over from that changelog
+/// and reads nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_runs_as_the_limited_account_and_another_takes_over_from_its_changelog() {
+    let secure = secure();
+    let expected = Lane::undisturbed("security-group-plain").await;
+    let mut lane = SecureLane::new("security-group", &secure).await;
+    // Under the account's topic prefix: the changelog is `<group>.changelog`.
+    lane.group = format!("secure.{}", lane.lane.name);
+    let admin = lane.kafka_args(&secure.sasl_brokers, &secure.admin);
+    admin.ensure_compacted(&format!("{}.changelog", lane.group), 6).await.expect("changelog made by the admin");
+    succeeds("replay", lane.replay(&secure.sasl_brokers, &secure.scram512));
+    let member = |state: &Path| {
+        let mut command = lane.command(env!("CARGO_BIN_EXE_consumer"), &secure.sasl_brokers, &secure.scram512);
+        command.args(["--group-id", &lane.group, "--redis-prefix", &lane.lane.name]).arg("--state-dir").arg(state);
+        command
+    };
+
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut command = member(first.path());
+    command.arg("--exit-at-end");
+    let shown = succeeds("the first member", command);
+    assert!(shown.contains(&format!("bars {}", fixture::BARS)), "{shown}");
+    assert_eq!(lane.lane.digest().await.sha256, expected.sha256, "Redis differs from the plain run's");
+
+    let log = second.path().join("member.log");
+    let mut command = member(&second.path().join("state"));
+    let mut child = command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = Instant::now();
+    while !read().lines().any(|line| line.contains(cryptopulse::consumer::ASSIGNED_LOG)) {
+        if started.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("the second member was not assigned the partitions within 60 s:\n{}", read());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success(), "{}", read());
+    let shown = read();
+    let restored = shown.lines().filter(|line| line.contains(cryptopulse::consumer::RESTORED_LOG)).count();
+    assert_eq!(restored, 6, "every partition restored from the changelog:\n{shown}");
+    assert!(shown.contains("consumer stopped records=0 "), "nothing read again:\n{shown}");
+    assert!(!shown.contains("uthoriz"), "an ACL is missing:\n{shown}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_publishes_every_trade_as_the_limited_account() {
     let secure = secure();
