@@ -361,8 +361,8 @@ impl PartitionState {
         Ok(out)
     }
 
-    /// Live mode: finalizes open bars that ended more than `idle_ms` before
-    /// the wall clock `now_ms` (SPEC §3).
+    /// Live mode: finalizes open bars that ended `idle_ms` or more before
+    /// `now_ms`, the producer's clock record (data contract §3).
     pub fn finalize_idle(&mut self, now_ms: i64, idle_ms: i64, cfg: &WindowConfig) -> Vec<FinalBar> {
         let mut bars = Vec::new();
         for (symbol, window) in &mut self.symbols {

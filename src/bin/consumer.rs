@@ -56,7 +56,8 @@ struct Cli {
     #[arg(long, env = "CRYPTOPULSE_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     linger_ms: u64,
     /// Live mode: a bar is also final this many ms after its end without a
-    /// newer trade of its symbol (wall clock). Off for replays and tests.
+    /// newer trade of its symbol, by the producer's clock records in the
+    /// partition (the same for every reader). Off for replays and tests.
     #[arg(long, env = "CRYPTOPULSE_IDLE_FINALIZE_MS", value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     idle_finalize_ms: Option<u64>,
     /// A trade dated more than this ahead of this machine's clock is a dead

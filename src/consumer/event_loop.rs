@@ -88,27 +88,37 @@ impl Loop {
                 );
                 continue;
             };
-            let batch = batch.from_offset(partition.next_offset);
-            let before = partition.state.counts.clone();
-            let output = partition.state.apply_within(&batch.trades, &self.config.window, &self.symbol_limits)?;
-            count_applied(&self.metrics, &before, &partition.state.counts);
-            partition.next_offset = batch.next_offset;
             self.dirty.insert(batch.partition);
-            records += batch.offsets.len() as u64;
-            if output.refused_rows.iter().any(|&(_, reason)| reason == Reject::TooManySymbols) && self.full.insert(batch.partition) {
-                let (partition, max) = (batch.partition, self.symbol_limits.max);
-                warn!(partition, max, "partition holds --max-symbols symbols: trades of further symbols go to the dead-letter topic");
-            }
-            if !output.late_rows.is_empty() || !output.overflow_rows.is_empty() || !output.refused_rows.is_empty() {
-                let cols = TradeColumns::new(&batch.trades)?;
-                let late = output.late_rows.into_iter().map(|row| (row, Reject::Late));
-                let overflow = output.overflow_rows.into_iter().map(|row| (row, Reject::Overflow));
-                for (row, reason) in late.chain(overflow).chain(output.refused_rows) {
-                    self.dead_letters.send(&row_letter(&batch, &cols, row, reason)).await?;
-                    telemetry::dead_letter(reason.as_str());
+            // The trades up to each clock record, then the bars that clock
+            // makes final: wherever the source cut its batches, every
+            // reader of the partition finalizes at the same trade.
+            for (batch, clock) in batch.from_offset(partition.next_offset).split_at_clocks() {
+                let before = partition.state.counts.clone();
+                let output = partition.state.apply_within(&batch.trades, &self.config.window, &self.symbol_limits)?;
+                count_applied(&self.metrics, &before, &partition.state.counts);
+                partition.next_offset = batch.next_offset;
+                records += batch.offsets.len() as u64;
+                if output.refused_rows.iter().any(|&(_, reason)| reason == Reject::TooManySymbols) && self.full.insert(batch.partition) {
+                    let (partition, max) = (batch.partition, self.symbol_limits.max);
+                    warn!(partition, max, "partition holds --max-symbols symbols: trades of further symbols go to the dead-letter topic");
+                }
+                if !output.late_rows.is_empty() || !output.overflow_rows.is_empty() || !output.refused_rows.is_empty() {
+                    let cols = TradeColumns::new(&batch.trades)?;
+                    let late = output.late_rows.into_iter().map(|row| (row, Reject::Late));
+                    let overflow = output.overflow_rows.into_iter().map(|row| (row, Reject::Overflow));
+                    for (row, reason) in late.chain(overflow).chain(output.refused_rows) {
+                        self.dead_letters.send(&row_letter(&batch, &cols, row, reason)).await?;
+                        telemetry::dead_letter(reason.as_str());
+                    }
+                }
+                bars.extend(output.bars);
+                if let Some(clock) = clock {
+                    records += 1;
+                    if let Some(idle) = self.config.idle_finalize {
+                        bars.extend(partition.state.finalize_idle(clock.ms, idle.as_millis() as i64, &self.config.window));
+                    }
                 }
             }
-            bars.extend(output.bars);
         }
         self.summary.records += records;
         self.since_checkpoint += records;
@@ -166,21 +176,6 @@ impl Loop {
     }
 
     async fn on_tick(&mut self) -> Result<()> {
-        if let Some(idle) = self.config.idle_finalize {
-            let ticked = Instant::now();
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-            let mut bars = Vec::new();
-            for (partition, checkpoint) in &mut self.partitions {
-                let closed = checkpoint.state.finalize_idle(now, idle.as_millis() as i64, &self.config.window);
-                if !closed.is_empty() {
-                    self.dirty.insert(*partition);
-                    bars.extend(closed);
-                }
-            }
-            if !bars.is_empty() {
-                self.writer.send(Work::Bars { bars, polled_at: ticked, read: self.summary.records }).await?;
-            }
-        }
         if !self.dirty.is_empty() && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
             self.checkpoint(false, None).await?;
         }

@@ -63,7 +63,8 @@ pub struct ConsumerConfig {
     pub checkpoint_records: u64,
     pub max_batch_rows: usize,
     pub linger: Duration,
-    /// Live mode: a bar is also final this long after its end without trades.
+    /// Live mode: a bar is also final once a clock record of the producer
+    /// reads this long after its end, without a newer trade before it.
     pub idle_finalize: Option<Duration>,
     /// How far ahead of this process's clock a trade time may be (SPEC §1).
     pub future_tolerance: Duration,

@@ -262,6 +262,19 @@ pub struct PartitionBatch {
     pub payloads: BinaryArray,
     /// Next offset to read after this batch (past rejected records too).
     pub next_offset: i64,
+    /// The producer's clock records among the rows, in offset order.
+    pub clocks: Vec<Clock>,
+}
+
+/// A clock record of the producer (data contract §3): what its clock read,
+/// and where it came among the trades of its partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Trades of the batch before it.
+    pub row: usize,
+    pub offset: i64,
+    /// The producer's clock, ms since the epoch.
+    pub ms: i64,
 }
 
 impl PartitionBatch {
@@ -269,13 +282,50 @@ impl PartitionBatch {
     /// (a group member's partition read again from an older position).
     pub fn from_offset(mut self, next: i64) -> Self {
         let skip = self.offsets.partition_point(|&offset| offset < next);
+        self.clocks.retain(|clock| clock.offset >= next);
         if skip > 0 {
             let rows = self.offsets.len() - skip;
             self.trades = self.trades.slice(skip, rows);
             self.payloads = self.payloads.slice(skip, rows);
             self.offsets.drain(..skip);
+            for clock in &mut self.clocks {
+                clock.row -= skip;
+            }
         }
         self
+    }
+
+    /// The batch cut at its clock records: the trades before each clock
+    /// with that clock, then what follows the last (without one). A batch
+    /// without clocks is itself.
+    pub fn split_at_clocks(mut self) -> Vec<(PartitionBatch, Option<Clock>)> {
+        if self.clocks.is_empty() {
+            return vec![(self, None)];
+        }
+        let clocks = std::mem::take(&mut self.clocks);
+        let mut parts = Vec::with_capacity(clocks.len() + 1);
+        let mut from = 0;
+        for clock in &clocks {
+            parts.push((self.rows(from, clock.row, clock.offset + 1), Some(*clock)));
+            from = clock.row;
+        }
+        let rest = self.offsets.len();
+        if from < rest || self.next_offset > clocks.last().map_or(0, |c| c.offset + 1) {
+            parts.push((self.rows(from, rest, self.next_offset), None));
+        }
+        parts
+    }
+
+    /// Rows `from..to`, read up to `next_offset`.
+    fn rows(&self, from: usize, to: usize, next_offset: i64) -> PartitionBatch {
+        PartitionBatch {
+            partition: self.partition,
+            trades: self.trades.slice(from, to - from),
+            offsets: self.offsets[from..to].to_vec(),
+            payloads: self.payloads.slice(from, to - from),
+            next_offset,
+            clocks: Vec::new(),
+        }
     }
 }
 
@@ -314,6 +364,7 @@ struct Pending {
     offsets: Vec<i64>,
     payloads: BinaryBuilder,
     next_offset: i64,
+    clocks: Vec<Clock>,
 }
 
 /// Reads records from `fetch` on the calling thread until `stop` is set,
@@ -359,6 +410,7 @@ pub fn run_source(
                     offsets: p.offsets,
                     payloads: p.payloads.finish(),
                     next_offset: p.next_offset,
+                    clocks: p.clocks,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -479,6 +531,10 @@ fn take(
     }
     let slot = pending.entry(partition).or_default();
     slot.next_offset = offset + 1;
+    if let Some(ms) = record.clock.and_then(clock_ms) {
+        slot.clocks.push(Clock { row: slot.offsets.len(), offset, ms });
+        return;
+    }
     match binance::decode(payload).and_then(|trade| binance::check_time(trade.time_ms, now_ms, tolerance).map(|()| trade)) {
         Ok(trade) => {
             slot.builder.push(&trade);
@@ -490,6 +546,13 @@ fn take(
             rejected.push(DeadLetter::new(rejection.reason, rejection.detail, (partition, offset), record.key, payload));
         }
     }
+}
+
+/// The producer's clock of a clock header: ms since the epoch, in decimal.
+/// A header that says something else leaves its record to be read as a
+/// trade (and so most likely dead-lettered).
+fn clock_ms(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.parse().ok().filter(|ms| *ms >= 0)
 }
 
 /// Errors after which reading on would lose or skip data.
@@ -509,6 +572,78 @@ fn is_fatal(error: &KafkaError) -> bool {
 mod tests {
     use super::*;
     use rdkafka::statistics::Partition;
+
+    /// A batch of partition 3 with trades at `offsets` (ids = offsets) and
+    /// clock records at `clocks` (offset, ms), read up to `next_offset`.
+    fn batch(offsets: &[i64], clocks: &[(i64, i64)], next_offset: i64) -> PartitionBatch {
+        let (mut builder, mut payloads) = (TradeBatchBuilder::default(), BinaryBuilder::new());
+        for &offset in offsets {
+            let trade = crate::trade::Trade {
+                symbol: "BTCUSDT".into(),
+                id: offset,
+                price: 1,
+                qty: 1,
+                time_ms: 1_000 + offset,
+                buyer_is_maker: false,
+                event_time_ms: None,
+            };
+            builder.push(&trade);
+            payloads.append_value(offset.to_string());
+        }
+        let clocks = clocks.iter().map(|&(offset, ms)| Clock { row: offsets.partition_point(|&o| o < offset), offset, ms }).collect();
+        PartitionBatch {
+            partition: 3,
+            trades: builder.finish().unwrap(),
+            offsets: offsets.to_vec(),
+            payloads: payloads.finish(),
+            next_offset,
+            clocks,
+        }
+    }
+
+    /// Each part: its trades' offsets, its next offset and its clock's ms.
+    fn parts(batch: PartitionBatch) -> Vec<(Vec<i64>, i64, Option<i64>)> {
+        batch
+            .split_at_clocks()
+            .into_iter()
+            .map(|(part, clock)| {
+                assert_eq!((part.trades.num_rows(), arrow::array::Array::len(&part.payloads)), (part.offsets.len(), part.offsets.len()));
+                let ids = part.trades.column(1).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().values().to_vec();
+                assert_eq!(ids, part.offsets, "the trades are the rows of their offsets");
+                (part.offsets, part.next_offset, clock.map(|c| c.ms))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_cut_after_each_clock_record_wherever_it_comes() {
+        // Trades at 10, 11, 13, 14, 16; clocks at 12 and 15; read to 17.
+        let cut = parts(batch(&[10, 11, 13, 14, 16], &[(12, 500), (15, 900)], 17));
+        assert_eq!(cut, [(vec![10, 11], 13, Some(500)), (vec![13, 14], 16, Some(900)), (vec![16], 17, None)]);
+        // A clock first, two in a row, a clock last.
+        let cut = parts(batch(&[11], &[(10, 1), (12, 2), (13, 3)], 14));
+        assert_eq!(cut, [(vec![], 11, Some(1)), (vec![11], 13, Some(2)), (vec![], 14, Some(3))]);
+        // Records after the last clock that were not trades (dead letters)
+        // still move the partition's next offset.
+        assert_eq!(parts(batch(&[10], &[(11, 7)], 14)), [(vec![10], 12, Some(7)), (vec![], 14, None)]);
+        assert_eq!(parts(batch(&[10, 11], &[], 12)), [(vec![10, 11], 12, None)]);
+    }
+
+    #[test]
+    fn a_batch_read_again_from_an_offset_keeps_the_clocks_from_there() {
+        let again = batch(&[10, 11, 13, 14, 16], &[(12, 500), (15, 900)], 17).from_offset(14);
+        assert_eq!(parts(again), [(vec![14], 16, Some(900)), (vec![16], 17, None)]);
+        let again = batch(&[10, 11, 13], &[(12, 500)], 14).from_offset(12);
+        assert_eq!(parts(again), [(vec![], 13, Some(500)), (vec![13], 14, None)]);
+    }
+
+    #[test]
+    fn a_clock_header_is_a_non_negative_number_of_ms() {
+        assert_eq!(clock_ms(b"1733300000123"), Some(1_733_300_000_123));
+        for bad in [&b""[..], b"-5", b"12a", b" 12", b"\xff"] {
+            assert_eq!(clock_ms(bad), None, "{bad:?}");
+        }
+    }
 
     /// librdkafka's value for an offset it does not know (`RD_KAFKA_OFFSET_INVALID`).
     const INVALID: i64 = -1001;

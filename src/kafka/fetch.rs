@@ -211,6 +211,9 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// `PartitionEOF` at the end of a partition; otherwise librdkafka's error.
     pub error: Option<KafkaError>,
+    /// The value of its [`CLOCK_HEADER`](super::CLOCK_HEADER), looked up
+    /// only in records without a key (a trade always has one).
+    pub clock: Option<&'a [u8]>,
 }
 
 impl Fetched<'_> {
@@ -241,14 +244,39 @@ impl Fetched<'_> {
             rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => Some(KafkaError::PartitionEOF(m.partition)),
             code => Some(KafkaError::MessageConsumption(RDKafkaErrorCode::from(code))),
         };
+        let key = bytes(m.key, m.key_len);
+        let clock = if key.is_none() && error.is_none() { clock_header(message) } else { None };
         Record {
             partition: m.partition,
             offset: m.offset,
             payload: if error.is_some() { &[] } else { bytes(m.payload, m.len).unwrap_or_default() },
-            key: bytes(m.key, m.key_len),
+            key,
             error,
+            clock,
         }
     }
+}
+
+/// The NUL-terminated name librdkafka looks headers up by.
+const CLOCK_HEADER_C: &std::ffi::CStr = c"cryptopulse.clock";
+const _: () = assert!(CLOCK_HEADER_C.to_bytes().len() == super::CLOCK_HEADER.len());
+
+/// The value of a message's clock header, if it has one.
+fn clock_header<'a>(message: *mut rd::rd_kafka_message_t) -> Option<&'a [u8]> {
+    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: the message is live (see `record`); librdkafka parses its
+    // headers once and keeps them with the message, which outlives 'a.
+    if unsafe { rd::rd_kafka_message_headers(message, &mut headers) } != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return None;
+    }
+    let (mut value, mut size): (*const std::ffi::c_void, usize) = (std::ptr::null(), 0);
+    // SAFETY: `headers` belongs to the live message, the name is NUL-terminated.
+    let found = unsafe { rd::rd_kafka_header_get_last(headers, CLOCK_HEADER_C.as_ptr(), &mut value, &mut size) };
+    if found != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || value.is_null() {
+        return None;
+    }
+    // SAFETY: librdkafka points `value` at `size` bytes held by the message's headers.
+    Some(unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) })
 }
 
 impl Drop for Fetched<'_> {

@@ -82,6 +82,13 @@ impl std::fmt::Debug for KafkaArgs {
     }
 }
 
+/// Header of a clock record: a record of the raw topic without a key that
+/// carries the producer's clock (ms since the epoch, in decimal) instead
+/// of a trade. The producer writes one to every partition about once a
+/// second; a consumer in live mode finalizes a quiet symbol's bar by it
+/// (data contract §3), so every reader of the partition decides alike.
+pub const CLOCK_HEADER: &str = "cryptopulse.clock";
+
 /// How long metadata and admin requests may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

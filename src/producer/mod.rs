@@ -32,9 +32,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{info, warn};
 
+use crate::binance;
 use crate::cli;
 use crate::error::{Error, Result};
-use crate::kafka::{admin, dead_letter, KafkaArgs};
+use crate::kafka::{admin, dead_letter, KafkaArgs, CLOCK_HEADER};
 use crate::rejection::Reject;
 use crate::telemetry;
 use rest::RestLimits;
@@ -180,6 +181,8 @@ pub async fn run(config: ProducerConfig, shutdown: impl Future<Output = ()>) -> 
         dlq_room,
         in_flight: VecDeque::new(),
         summary: ProducerSummary::default(),
+        partitions: raw_partitions(&config.kafka).await?,
+        clock_ms: 0,
     };
     let streamed = sequencer::stream(&config.stream, last, &mut publisher, shutdown).await;
     // Whatever ended the run, what was sent is flushed and settled.
@@ -205,6 +208,11 @@ struct Publisher {
     /// Deliveries not yet acknowledged, oldest first, with what they are.
     in_flight: VecDeque<(DeliveryFuture, Sent)>,
     summary: ProducerSummary,
+    /// The raw topic's partitions, each given a clock record a second.
+    partitions: Vec<i32>,
+    /// The last clock written: clocks never go back, whatever this
+    /// machine's clock does.
+    clock_ms: i64,
 }
 
 /// What a delivery was, to count it when acknowledged.
@@ -213,6 +221,7 @@ enum Sent {
     Trade { from_rest: bool },
     DeadLetter,
     Gap,
+    Clock,
 }
 
 impl Sink for Publisher {
@@ -224,25 +233,27 @@ impl Sink for Publisher {
         }
         let headers = from_rest.then(|| OwnedHeaders::new().insert(Header { key: "source", value: Some("rest") }));
         let topic = self.raw_topic.clone();
-        self.send(&topic, Some(symbol), event, headers, Some(time_ms), Sent::Trade { from_rest }).await
+        self.send(&topic, To::Key(symbol), event, headers, Some(time_ms), Sent::Trade { from_rest }).await
     }
 
     async fn dead_letter(&mut self, reason: &str, detail: &str, raw: &[u8]) -> Result<()> {
         let (headers, payload) = dead_letter::describe(reason, detail, raw, self.dlq_room);
         let headers = headers.insert(Header { key: "source", value: Some("websocket") });
         let topic = self.dlq_topic.clone();
-        self.send(&topic, None, payload, Some(headers), None, Sent::DeadLetter).await
+        self.send(&topic, To::Any, payload, Some(headers), None, Sent::DeadLetter).await
     }
 
     /// Records ids `from..=to` of `symbol` on the gaps topic.
     async fn gap(&mut self, symbol: &str, from: i64, to: i64, why: &str) -> Result<()> {
         let record = serde_json::json!({ "symbol": symbol, "from_id": from, "to_id": to, "count": to - from + 1, "reason": why });
         let topic = self.gaps_topic.clone();
-        self.send(&topic, Some(symbol), record.to_string().as_bytes(), None, None, Sent::Gap).await
+        self.send(&topic, To::Key(symbol), record.to_string().as_bytes(), None, None, Sent::Gap).await
     }
 
-    /// On a quiet stream, the last deliveries are counted within a second.
+    /// On a quiet stream, the last deliveries are counted within a second;
+    /// every partition gets a clock record.
     async fn idle(&mut self) -> Result<()> {
+        self.clock().await?;
         self.settle_ready()?;
         metrics::gauge!(telemetry::PRODUCER_IN_FLIGHT).set(self.in_flight.len() as f64);
         Ok(())
@@ -253,19 +264,44 @@ impl Sink for Publisher {
     }
 }
 
+/// Where a record goes.
+enum To<'a> {
+    /// The partition of this key.
+    Key(&'a str),
+    Partition(i32),
+    /// Where librdkafka's partitioner puts a record without a key.
+    Any,
+}
+
 impl Publisher {
+    /// A clock record (data contract §3) to every partition of the raw
+    /// topic, after the trades sent to it before: a consumer in live mode
+    /// finalizes quiet symbols' bars by it.
+    async fn clock(&mut self) -> Result<()> {
+        self.clock_ms = binance::now_ms().max(self.clock_ms);
+        let value = self.clock_ms.to_string();
+        let topic = self.raw_topic.clone();
+        for partition in self.partitions.clone() {
+            let headers = OwnedHeaders::new().insert(Header { key: CLOCK_HEADER, value: Some(&value) });
+            self.send(&topic, To::Partition(partition), &[], Some(headers), Some(self.clock_ms), Sent::Clock).await?;
+        }
+        Ok(())
+    }
+
     async fn send(
         &mut self,
         topic: &str,
-        key: Option<&str>,
+        to: To<'_>,
         payload: &[u8],
         headers: Option<OwnedHeaders>,
         timestamp: Option<i64>,
         sent: Sent,
     ) -> Result<()> {
         let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
-        if let Some(key) = key {
-            record = record.key(key);
+        match to {
+            To::Key(key) => record = record.key(key),
+            To::Partition(partition) => record = record.partition(partition),
+            To::Any => {}
         }
         if let Some(headers) = headers {
             record = record.headers(headers);
@@ -327,11 +363,11 @@ impl Publisher {
                     self.summary.dead_letters += 1;
                     metrics::counter!(telemetry::PRODUCER_DEAD_LETTERS).increment(1);
                 }
-                Sent::Gap => {}
+                Sent::Gap | Sent::Clock => {}
             },
             Ok(Err((e, _))) => {
                 let kind = match sent {
-                    Sent::Trade { .. } => "raw",
+                    Sent::Trade { .. } | Sent::Clock => "raw",
                     Sent::DeadLetter => "dead_letter",
                     Sent::Gap => "gaps",
                 };
@@ -349,4 +385,15 @@ impl Publisher {
         }
         Ok(())
     }
+}
+
+/// The partitions of the raw topic, which exists by now.
+async fn raw_partitions(kafka: &KafkaArgs) -> Result<Vec<i32>> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let client: rdkafka::consumer::BaseConsumer = kafka.client_config()?.create().map_err(|e| Error::kafka("metadata client", e))?;
+        admin::partitions_of(&client, &kafka.topic)
+    })
+    .await
+    .map_err(|e| Error::join("topic metadata", e))?
 }

@@ -14,6 +14,7 @@ use cryptopulse::synth::{self, SynthConfig};
 use cryptopulse::tooling::digest;
 
 use crate::common::{fixture, Lane};
+use crate::fake_binance::FakeBinance;
 
 /// Partitions of the topics here: more than members, fewer than symbols.
 const PARTITIONS: i32 = 12;
@@ -28,6 +29,11 @@ impl Member {
     /// A member on `state`, logging to `name`.log in [`log_dir`], with
     /// librdkafka's group debugging: a member that waits is explained there.
     fn start(lane: &Lane, group: &str, state: &Path, name: &str) -> Member {
+        Self::start_with(lane, group, state, name, &[])
+    }
+
+    /// [`start`](Self::start) with `extra` arguments.
+    fn start_with(lane: &Lane, group: &str, state: &Path, name: &str, extra: &[&str]) -> Member {
         let log = log_dir(lane).join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_consumer"))
@@ -38,6 +44,7 @@ impl Member {
             .args(["--redis-prefix", &lane.redis.target.prefix, "--checkpoint-ms", "200"])
             .arg("--state-dir")
             .arg(state)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -461,4 +468,86 @@ async fn members_killed_added_restarted_and_paused_while_trades_stream_leave_one
         let log = member.log();
         assert!(member.stop().success(), "a member failed:\n{log}");
     }
+}
+
+/// Live mode (data contract §3, §8): the producer streams the fake
+/// Binance's trades into the topic, with its clock records; two members
+/// with `--idle-finalize-ms`, one SIGKILLed mid-run and its partitions
+/// taken over, leave the bars one consumer leaves over the same topic
+/// afterwards. Bars are made final by the clock records in the log, which
+/// every reader meets at the same trade, not by each process's clock.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_members_one_killed_finalize_by_the_producers_clock_as_one_consumer() {
+    const IDLE_MS: u64 = 500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut lane = Lane::new("group-live");
+    lane.kafka.partitions = 4;
+    lane.kafka.ensure_topics().await.expect("topics");
+    let group = format!("{}-group", lane.name);
+    // The fixtures' 15,863 frames at 1,500 a second: about 10 s.
+    let fake = FakeBinance::start(1500, &[], 0).await;
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_producer"))
+        .args(["--topic", &lane.kafka.topic, "--dlq-topic", &lane.kafka.dlq_topic, "--gaps-topic", &lane.topic("gaps")])
+        .args(["--symbols", &fake.symbols().join(","), "--ws-url", &fake.ws_url, "--rest-url", &fake.rest_url])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log_dir(&lane).join("producer.log")).expect("log"))
+        .spawn()
+        .expect("producer");
+    let idle = IDLE_MS.to_string();
+    let live = ["--idle-finalize-ms", idle.as_str()];
+    let a = Member::start_with(&lane, &group, &dir.path().join("a"), "a", &live);
+    let b = Member::start_with(&lane, &group, &dir.path().join("b"), "b", &live);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(a.has_partitions() && b.has_partitions()) {
+        assert!(Instant::now() < deadline, "the two members were not given partitions within 60 s:\n{}\n{}", a.log(), b.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal(&a, "-KILL");
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fake.all_released() {
+        assert!(Instant::now() < deadline, "the fake Binance did not release its frames within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Clock records after the last trade, which make the last bars final.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Command::new("kill").args(["-TERM", &producer.id().to_string()]).status().expect("kill");
+    assert!(producer.wait().expect("producer").success(), "the producer failed");
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = describe(&group, &lane.kafka.topic);
+        if rows.len() == lane.kafka.partitions as usize && rows.iter().all(|r| r.lag == Some(0) && r.member != "-") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group did not reach lag 0 within 90 s: {rows:?}\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let group_digest = lane.digest().await;
+
+    // One consumer over the same topic afterwards, with the same idle time...
+    let mut single = lane.with_prefix("single");
+    single.kafka.dlq_topic = lane.topic("dlq-single");
+    single.kafka.ensure_topics().await.expect("topics");
+    let mut config = single.consumer_config(&dir.path().join("single"));
+    config.idle_finalize = Some(Duration::from_millis(IDLE_MS));
+    cryptopulse::consumer::run(config, std::future::pending()).await.expect("single consumer");
+    let single_digest = single.digest().await;
+    assert!(single_digest.keys > 10, "{} keys", single_digest.keys);
+    assert_eq!(
+        (group_digest.keys, &group_digest.sha256),
+        (single_digest.keys, &single_digest.sha256),
+        "two live members, one killed, left other bars than one consumer\n{}",
+        b.log()
+    );
+    // ... and without it: the clock records made bars final (the trades
+    // are of 2024, so each clock closes every open bar).
+    let mut replayed = lane.with_prefix("no-idle");
+    replayed.kafka.dlq_topic = lane.topic("dlq-no-idle");
+    replayed.kafka.ensure_topics().await.expect("topics");
+    cryptopulse::consumer::run(replayed.consumer_config(&dir.path().join("no-idle")), std::future::pending()).await.expect("consumer");
+    assert_ne!(replayed.digest().await.sha256, single_digest.sha256, "no bar was made final by a clock record");
+    let log = b.log();
+    assert!(b.stop().success(), "the surviving member failed:\n{log}");
 }

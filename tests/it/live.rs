@@ -1,7 +1,7 @@
 //! Live mode (`--idle-finalize-ms`) through the real broker and Redis: a
-//! symbol that goes quiet still gets its last bar written once the bar's
-//! end is that far behind the wall clock, and a trade for that second
-//! which comes afterwards is late (SPEC §3, §5).
+//! symbol that goes quiet still gets its last bar written once a clock
+//! record of the producer is that far past the bar's end, and a trade for
+//! that second which comes afterwards is late (data contract §3, §5).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,9 +35,15 @@ async fn a_quiet_symbols_bar_is_written_after_the_idle_time_and_a_trade_for_it_t
     let start = now - now % 1000;
     let (first, second) = (trade(1, start + 1, "100.00000000", "1.00000000"), trade(2, start + 2, "102.00000000", "3.00000000"));
     lane.produce(SYMBOL, &[&first, &second]).await;
-
+    // The producer's clock 299 ms past the bar's end: not final yet; the
+    // next clock, 300 ms past, makes it final.
+    lane.produce_clock(start + 1299).await;
     let mut redis = lane.redis().await;
     let latest = lane.keys().latest(SYMBOL);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!redis.exists::<_, bool>(&latest).await.unwrap(), "a bar final before its idle time passed by the producer's clock");
+    lane.produce_clock(start + 1300).await;
+
     wait_for(|| {
         let (mut redis, latest) = (redis.clone(), latest.clone());
         async move { redis.exists::<_, bool>(&latest).await.unwrap() }

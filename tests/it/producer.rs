@@ -44,7 +44,7 @@ async fn run_short(fake: &FakeBinance, lane: &Lane, config: ProducerConfig, miss
     wait_for(|| {
         let (lane, released) = (lane.clone(), fake.all_released());
         async move {
-            released && tokio::task::spawn_blocking(move || records_in(&lane.kafka.brokers, &lane.kafka.topic)).await.unwrap() >= total
+            released && tokio::task::spawn_blocking(move || trades_in(&lane.kafka.brokers, &lane.kafka.topic)).await.unwrap() >= total
         }
     })
     .await;
@@ -92,6 +92,9 @@ pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usiz
             let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
             let message = message.unwrap();
             next = message.offset() + 1;
+            if is_clock(&message) {
+                continue;
+            }
             let trade = cryptopulse::binance::decode(message.payload().unwrap()).expect("a valid trade event");
             assert_eq!(message.key(), Some(trade.symbol.as_bytes()), "keyed by symbol");
             assert_eq!(message.timestamp().to_millis(), Some(trade.time_ms), "timestamped with the trade time");
@@ -102,6 +105,21 @@ pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usiz
         }
     }
     (ids, misplaced)
+}
+
+/// Whether a record is one of the producer's clock records (no key, the
+/// clock header), not a trade.
+pub fn is_clock(message: &impl Message) -> bool {
+    use rdkafka::message::Headers;
+    message.key().is_none() && message.headers().is_some_and(|h| h.iter().any(|h| h.key == cryptopulse::kafka::CLOCK_HEADER))
+}
+
+/// Trades in `topic`: its records without the producer's clock records.
+fn trades_in(brokers: &str, topic: &str) -> i64 {
+    if records_in(brokers, topic) == 0 {
+        return 0;
+    }
+    topic_ids(brokers, topic).0.values().map(|ids| ids.len() as i64).sum()
 }
 
 /// The partitions of `topic` and the low and high watermark of each.
@@ -364,7 +382,7 @@ async fn a_restarted_producer_backfills_from_the_topic_tail() {
     let third = fake.total() as i64 / 3;
     wait_for(|| {
         let lane = lane.clone();
-        async move { tokio::task::spawn_blocking(move || records_in(&lane.kafka.brokers, &lane.kafka.topic)).await.unwrap() >= third }
+        async move { tokio::task::spawn_blocking(move || trades_in(&lane.kafka.brokers, &lane.kafka.topic)).await.unwrap() >= third }
     })
     .await;
     let _ = stop.send(());

@@ -118,6 +118,19 @@ impl Lane {
         }
     }
 
+    /// A clock record reading `ms` to every partition of the topic, as the
+    /// producer writes one a second (data contract §3).
+    pub async fn produce_clock(&self, ms: i64) {
+        let producer: FutureProducer = self.kafka.producer_config().expect("producer config").create().expect("producer");
+        let value = ms.to_string();
+        for partition in 0..self.kafka.partitions {
+            let headers = rdkafka::message::OwnedHeaders::new()
+                .insert(rdkafka::message::Header { key: cryptopulse::kafka::CLOCK_HEADER, value: Some(&value) });
+            let record = FutureRecord::<(), [u8]>::to(&self.kafka.topic).partition(partition).payload(&[]).headers(headers);
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("send");
+        }
+    }
+
     /// The same topic, under another Redis prefix.
     pub fn with_prefix(&self, prefix: &str) -> Self {
         let mut lane = self.clone();
