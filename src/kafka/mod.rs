@@ -89,6 +89,13 @@ impl std::fmt::Debug for KafkaArgs {
 /// (data contract §3), so every reader of the partition decides alike.
 pub const CLOCK_HEADER: &str = "cryptopulse.clock";
 
+/// Whether a record read with rdkafka's own API is a clock record (the
+/// consumer's fetch path checks [`fetch::Record::clock`] instead).
+pub fn is_clock(message: &impl rdkafka::Message) -> bool {
+    use rdkafka::message::Headers;
+    message.key().is_none() && message.headers().is_some_and(|headers| headers.iter().any(|h| h.key == CLOCK_HEADER))
+}
+
 /// How long metadata and admin requests may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -282,6 +282,10 @@ pub fn record_topic(
         };
         let message = polled.map_err(|e| Error::kafka("record poll", e))?;
         next.insert(message.partition(), message.offset() + 1);
+        // The producer's clock records carry no trade to record.
+        if crate::kafka::is_clock(&message) {
+            continue;
+        }
         let payload = message.payload().unwrap_or_default();
         let completed = match binance::decode(payload) {
             Ok(trade) => archive.push(&trade)?,

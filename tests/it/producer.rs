@@ -92,7 +92,7 @@ pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usiz
             let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
             let message = message.unwrap();
             next = message.offset() + 1;
-            if is_clock(&message) {
+            if cryptopulse::kafka::is_clock(&message) {
                 continue;
             }
             let trade = cryptopulse::binance::decode(message.payload().unwrap()).expect("a valid trade event");
@@ -105,13 +105,6 @@ pub fn topic_ids(brokers: &str, topic: &str) -> (HashMap<String, Vec<i64>>, usiz
         }
     }
     (ids, misplaced)
-}
-
-/// Whether a record is one of the producer's clock records (no key, the
-/// clock header), not a trade.
-pub fn is_clock(message: &impl Message) -> bool {
-    use rdkafka::message::Headers;
-    message.key().is_none() && message.headers().is_some_and(|h| h.iter().any(|h| h.key == cryptopulse::kafka::CLOCK_HEADER))
 }
 
 /// Trades in `topic`: its records without the producer's clock records.

@@ -135,8 +135,10 @@ async fn recording_the_live_streams_fills_the_gap_from_rest_and_rotates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recording_the_topic_leaves_duplicates_out_and_resumes_from_committed_offsets() {
     let lane = Lane::new("record-topic");
-    // The fixtures twice: every trade arrives a second time.
+    // The fixtures twice: every trade arrives a second time; clock records
+    // of the producer between them are no trades and no rejects.
     lane.replay(None, None).await;
+    lane.produce_clock(1_723_100_000_000).await;
     lane.replay(None, None).await;
     let dir = tempfile::tempdir().unwrap();
     let rotation = live::Rotation { max_bytes: 128 << 10, max_age: Duration::from_secs(3600) };

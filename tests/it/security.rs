@@ -186,7 +186,7 @@ impl SecureLane {
             assert!(Instant::now() < deadline, "{}: not read to its end within 30 s", self.topic);
             let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
             let message = message.unwrap();
-            if !crate::producer::is_clock(&message) {
+            if !cryptopulse::kafka::is_clock(&message) {
                 trades += 1;
             }
             if open.get(&message.partition()).is_some_and(|high| message.offset() + 1 >= *high) {
