@@ -427,7 +427,7 @@ fn producer_command(fake: &FakeBinance, lane: &Lane) -> std::process::Command {
 }
 
 /// The value of each unlabelled series on a Prometheus text page.
-async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> HashMap<String, f64> {
     let page = reqwest::get(format!("http://{addr}/metrics")).await.expect("metrics page").text().await.unwrap();
     page.lines()
         .filter(|line| !line.starts_with('#'))

@@ -265,7 +265,9 @@ async fn a_group_member_runs_as_the_limited_account_and_another_takes_over_from_
     assert_eq!(lane.lane.digest().await.sha256, expected.sha256, "Redis differs from the plain run's");
 
     let log = second.path().join("member.log");
+    let metrics = free_addr();
     let mut command = member(&second.path().join("state"));
+    command.args(["--metrics-addr", &metrics.to_string()]);
     let mut child = command.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let started = Instant::now();
@@ -276,11 +278,13 @@ async fn a_group_member_runs_as_the_limited_account_and_another_takes_over_from_
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let counted = crate::producer::scrape(metrics).await.get(cryptopulse::telemetry::CHANGELOG_RESTORES).copied();
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(child.wait().unwrap().success(), "{}", read());
     let shown = read();
     let restored = shown.lines().filter(|line| line.contains(cryptopulse::consumer::RESTORED_LOG)).count();
     assert_eq!(restored, 6, "every partition restored from the changelog:\n{shown}");
+    assert_eq!(counted, Some(6.0), "restores counted by {}", cryptopulse::telemetry::CHANGELOG_RESTORES);
     assert!(shown.contains("consumer stopped records=0 "), "nothing read again:\n{shown}");
     assert!(!shown.contains("uthoriz"), "an ACL is missing:\n{shown}");
 }
