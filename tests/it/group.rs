@@ -119,6 +119,20 @@ fn describe(group: &str, topic: &str) -> Vec<Row> {
         .collect()
 }
 
+/// One consumer alone over `lane`'s topic to its end, under Redis prefix
+/// and dead-letter topic `name`, its state in `state` (live mode with
+/// `idle`): its lane and the digest it leaves.
+async fn one_consumer(lane: &Lane, name: &str, state: &Path, idle: Option<Duration>) -> (Lane, digest::Digest) {
+    let mut single = lane.with_prefix(name);
+    single.kafka.dlq_topic = lane.topic(&format!("dlq-{name}"));
+    single.kafka.ensure_topics().await.expect("topics");
+    let mut config = single.consumer_config(state);
+    config.idle_finalize = idle;
+    cryptopulse::consumer::run(config, std::future::pending()).await.expect("single consumer");
+    let digest = single.digest().await;
+    (single, digest)
+}
+
 /// Where each dead letter came from: (partition, offset).
 fn letter_sources(lane: &Lane, expected: usize) -> BTreeSet<(String, String)> {
     lane.dead_letters(expected)
@@ -203,11 +217,7 @@ async fn three_members_leave_one_consumers_bars(test: &str, redis_url: Option<St
     let group_digest = digest::digest_any(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
 
     // One consumer alone, over the same topic.
-    let mut single = lane.with_prefix("single");
-    single.kafka.dlq_topic = lane.topic("dlq-single");
-    single.kafka.ensure_topics().await.expect("topics");
-    cryptopulse::consumer::run(single.consumer_config(&dir.path().join("single")), std::future::pending()).await.expect("single consumer");
-    let single_digest = single.digest().await;
+    let (single, single_digest) = one_consumer(&lane, "single", &dir.path().join("single"), None).await;
     assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
     assert_eq!(
         (group_digest.keys, &group_digest.sha256),
@@ -361,11 +371,7 @@ async fn redis_paused_for_3_s_during_a_rebalance_changes_nothing() {
     }
     let paused_digest = digest::digest(&mut conn, &members_lane.redis.target.prefix).await.expect("digest");
 
-    let mut single = lane.with_prefix("single");
-    single.kafka.dlq_topic = lane.topic("dlq-single");
-    single.kafka.ensure_topics().await.expect("topics");
-    cryptopulse::consumer::run(single.consumer_config(&dir.path().join("single")), std::future::pending()).await.expect("single consumer");
-    let single_digest = single.digest().await;
+    let (_, single_digest) = one_consumer(&lane, "single", &dir.path().join("single"), None).await;
     assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
     assert_eq!(
         (paused_digest.keys, &paused_digest.sha256),
@@ -445,11 +451,7 @@ async fn members_killed_added_restarted_and_paused_while_trades_stream_leave_one
     }
     let group_digest = lane.digest().await;
 
-    let mut single = lane.with_prefix("single");
-    single.kafka.dlq_topic = lane.topic("dlq-single");
-    single.kafka.ensure_topics().await.expect("topics");
-    cryptopulse::consumer::run(single.consumer_config(&state("single")), std::future::pending()).await.expect("single consumer");
-    let single_digest = single.digest().await;
+    let (_, single_digest) = one_consumer(&lane, "single", &state("single"), None).await;
     assert!(single_digest.keys > 400, "{} keys", single_digest.keys);
     assert_eq!(
         (group_digest.keys, &group_digest.sha256),
@@ -527,13 +529,8 @@ async fn live_members_one_killed_finalize_by_the_producers_clock_as_one_consumer
     let group_digest = lane.digest().await;
 
     // One consumer over the same topic afterwards, with the same idle time...
-    let mut single = lane.with_prefix("single");
-    single.kafka.dlq_topic = lane.topic("dlq-single");
-    single.kafka.ensure_topics().await.expect("topics");
-    let mut config = single.consumer_config(&dir.path().join("single"));
-    config.idle_finalize = Some(Duration::from_millis(IDLE_MS));
-    cryptopulse::consumer::run(config, std::future::pending()).await.expect("single consumer");
-    let single_digest = single.digest().await;
+    let idle = Some(Duration::from_millis(IDLE_MS));
+    let (_, single_digest) = one_consumer(&lane, "single", &dir.path().join("single"), idle).await;
     assert!(single_digest.keys > 10, "{} keys", single_digest.keys);
     assert_eq!(
         (group_digest.keys, &group_digest.sha256),
@@ -543,11 +540,8 @@ async fn live_members_one_killed_finalize_by_the_producers_clock_as_one_consumer
     );
     // ... and without it: the clock records made bars final (the trades
     // are of 2024, so each clock closes every open bar).
-    let mut replayed = lane.with_prefix("no-idle");
-    replayed.kafka.dlq_topic = lane.topic("dlq-no-idle");
-    replayed.kafka.ensure_topics().await.expect("topics");
-    cryptopulse::consumer::run(replayed.consumer_config(&dir.path().join("no-idle")), std::future::pending()).await.expect("consumer");
-    assert_ne!(replayed.digest().await.sha256, single_digest.sha256, "no bar was made final by a clock record");
+    let (_, replayed_digest) = one_consumer(&lane, "no-idle", &dir.path().join("no-idle"), None).await;
+    assert_ne!(replayed_digest.sha256, single_digest.sha256, "no bar was made final by a clock record");
     let log = b.log();
     assert!(b.stop().success(), "the surviving member failed:\n{log}");
 }
